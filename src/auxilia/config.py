@@ -1,0 +1,291 @@
+"""The run description: YAML validated into typed objects, then built into a Trainer.
+
+Every error names the key and what was expected, on one line (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from auxilia import samplers, strategies
+from auxilia.data.files import load_array_file
+from auxilia.data.sources import Pair, Source, Target
+from auxilia.errors import AuxiliaError, ConfigError, DataError
+from auxilia.train import Trainer, TrainSettings
+
+Kind = Literal["classification", "regression"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TargetConfig(_Strict):
+    """The target task: files for its splits and how to read them."""
+
+    name: str = Field(min_length=1)
+    train: str
+    val: str | None = None
+    test: str | None = None
+    val_fraction: float | None = Field(default=None, gt=0, lt=1)
+    kind: Kind = "classification"
+    num_classes: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    label_column: str = "y"
+    feature_columns: list[str] | None = None
+
+
+class SourceConfig(_Strict):
+    """An auxiliary source: a ``dataset`` file of (x, y) or ``task`` labels of the target inputs."""
+
+    name: str = Field(min_length=1)
+    granularity: Literal["task", "dataset"] = "dataset"
+    data: str | None = None
+    labels: str | None = None
+    head: Literal["target", "own"] = "own"
+    kind: Kind = "classification"
+    num_classes: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    label_column: str = "y"
+    feature_columns: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _files(self) -> SourceConfig:
+        if self.granularity == "dataset" and (self.data is None or self.labels is not None):
+            raise ValueError("a dataset source needs 'data' (a file of x and y) and no 'labels'")
+        if self.granularity == "task":
+            if self.labels is None or self.data is not None:
+                raise ValueError(
+                    "a task source needs 'labels' (y for the target's train inputs) and no 'data'"
+                )
+            if self.head != "own":
+                raise ValueError("a task source has its own head: use head: own")
+        return self
+
+
+class ModelConfig(_Strict):
+    """The shared trunk: ``mlp``, ``cnn`` or a factory ``package.module:function``, with params."""
+
+    trunk: str = "mlp"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class _Named(_Strict):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+
+class StrategyConfig(_Named):
+    """A strategy by name (``gcs``) or with params (``{name: gcs, params: {...}}``)."""
+
+    name: str = "gcs"
+
+
+class SamplerConfig(_Named):
+    """A sampler by name (``all``, ``uniform``) or with params."""
+
+    name: str = "all"
+
+
+class TrainConfig(_Strict):
+    """Optimiser, length, evaluation and checkpoint cadence, seed and device."""
+
+    steps: int = Field(default=500, ge=1)
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(default=1e-3, gt=0)
+    momentum: float = Field(default=0.9, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    eval_every: int = Field(default=100, ge=1)
+    log_every: int = Field(default=10, ge=1)
+    checkpoint_every: int = Field(default=100, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    seed: int = 0
+    device: str = "cpu"
+    eval_batch_size: int = Field(default=1024, ge=1)
+    engine_mode: Literal["exact"] = "exact"
+
+
+class RunConfig(_Strict):
+    """A whole run: target, sources, model, strategy, sampler and training settings."""
+
+    target: TargetConfig
+    sources: list[SourceConfig] = Field(default_factory=list)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _names(self) -> RunConfig:
+        names = [self.target.name] + [s.name for s in self.sources]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"source name '{name}' is used twice")
+        weights = self.strategy.params.get("weights")
+        if self.strategy.name == "fixed" and isinstance(weights, dict):
+            unknown = sorted(set(weights) - set(names))
+            if unknown:
+                raise ValueError(f"strategy.params.weights: unknown source '{unknown[0]}'")
+        return self
+
+
+def _format(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        elif "input" in item and not isinstance(item["input"], dict | list):
+            message += f" (got {item['input']!r})"
+        parts.append(f"{key}: {message}")
+    return "; ".join(parts)
+
+
+def parse_config(data: Any, origin: str = "config") -> RunConfig:
+    """Validate a parsed YAML mapping; also checks strategy and sampler names and params."""
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{origin}: expected a mapping at the top level, got {type(data).__name__}"
+        )
+    try:
+        config = RunConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(f"{origin}: {_format(error)}") from error
+    try:
+        strategy_for(config)
+    except AuxiliaError as error:
+        raise ConfigError(f"{origin}: strategy: {error}") from error
+    try:
+        samplers.get(config.sampler.name, config.sampler.params)
+    except AuxiliaError as error:
+        raise ConfigError(f"{origin}: sampler: {error}") from error
+    return config
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML run config (``yaml.safe_load``: no code is executed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from error
+    return parse_config(data, str(path))
+
+
+def strategy_for(config: RunConfig) -> strategies.Strategy:
+    """The strategy object; ``fixed`` weights may be a mapping from source name to weight."""
+    params = dict(config.strategy.params)
+    if config.strategy.name == "fixed" and isinstance(params.get("weights"), dict):
+        names = [config.target.name] + [s.name for s in config.sources]
+        params["weights"] = [float(params["weights"].get(n, 1.0)) for n in names]
+    return strategies.get(config.strategy.name, params)
+
+
+def _pair(path: Path, label_column: str, feature_columns: list[str] | None) -> Pair:
+    loaded = load_array_file(path, label_column=label_column, feature_columns=feature_columns)
+    if loaded.x is None or loaded.y is None:
+        missing = "x (features)" if loaded.x is None else "y (labels)"
+        raise DataError(f"{path}: has no {missing}")
+    return torch.from_numpy(loaded.x), torch.from_numpy(loaded.y)
+
+
+def build_target(config: TargetConfig, base: Path, seed: int) -> Target:
+    """Load the target's files (paths relative to ``base``) into a :class:`Target`."""
+
+    def read(name: str) -> Pair:
+        return _pair(base / name, config.label_column, config.feature_columns)
+
+    train = read(config.train)
+    val = read(config.val) if config.val else None
+    if val is None and config.val_fraction:
+        order = np.random.default_rng(seed).permutation(len(train[1]))
+        cut = max(1, round(config.val_fraction * len(order)))
+        if cut >= len(order):
+            raise ConfigError(
+                f"target.val_fraction: leaves no training samples out of {len(order)}"
+            )
+        held, kept = torch.from_numpy(order[:cut]), torch.from_numpy(order[cut:])
+        train, val = (train[0][kept], train[1][kept]), (train[0][held], train[1][held])
+    test = read(config.test) if config.test else None
+    return Target(
+        config.name,
+        train=train,
+        val=val,
+        test=test,
+        kind=config.kind,
+        num_classes=config.num_classes,
+        batch_size=config.batch_size,
+    )
+
+
+def build_source(config: SourceConfig, base: Path) -> Source:
+    """Load one auxiliary source's file into a :class:`Source`."""
+    data: Pair | None = None
+    labels: torch.Tensor | None = None
+    if config.granularity == "dataset":
+        assert config.data is not None
+        data = _pair(base / config.data, config.label_column, config.feature_columns)
+    else:
+        assert config.labels is not None
+        path = base / config.labels
+        loaded = load_array_file(path, label_column=config.label_column, feature_columns=[])
+        if loaded.y is None:
+            raise DataError(f"{path}: has no y (labels)")
+        labels = torch.from_numpy(loaded.y)
+    return Source(
+        config.name,
+        granularity=config.granularity,
+        data=data,
+        labels=labels,
+        head=config.head,
+        kind=config.kind,
+        num_classes=config.num_classes,
+        batch_size=config.batch_size,
+    )
+
+
+def build_trainer(
+    config: RunConfig, base: Path, out_dir: Path | None, *, quiet: bool = False
+) -> Trainer:
+    """Load all data named by ``config`` (relative to ``base``) and wire a :class:`Trainer`."""
+    t = config.train
+    target = build_target(config.target, base, t.seed)
+    sources = [build_source(s, base) for s in config.sources]
+    settings = TrainSettings(**t.model_dump())
+    resolved = config.model_dump(mode="json")
+    for entry, key in [(resolved["target"], k) for k in ("train", "val", "test")] + [
+        (s, k) for s in resolved["sources"] for k in ("data", "labels")
+    ]:
+        if entry.get(key):
+            entry[key] = str((base / entry[key]).resolve())
+    return Trainer(
+        target,
+        sources,
+        strategy=strategy_for(config),
+        sampler=samplers.get(config.sampler.name, config.sampler.params),
+        trunk=config.model.trunk,
+        trunk_params=config.model.params,
+        settings=settings,
+        out_dir=out_dir,
+        config=resolved,
+        quiet=quiet,
+    )

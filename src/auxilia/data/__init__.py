@@ -1,0 +1,1 @@
+"""Sources, datasets, batch plans and loaders for bundled data."""

@@ -1,0 +1,69 @@
+"""What the gradient engine measures in a step and hands to a strategy.
+
+Index 0 is always the target; indices 1..K are the auxiliary sources. This module is the only
+one of ours that strategies import.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+
+class Need(enum.Enum):
+    """A statistic a strategy may declare it needs; the engine computes only what is asked."""
+
+    LOSSES = "losses"
+    TARGET_ROW = "target_row"  # <g_k, g_0> for every source k
+    GRAM = "gram"  # <g_k, g_l> for every pair
+    NORMS = "norms"  # ||g_k|| for every source k
+
+    @staticmethod
+    def closure(needs: Iterable[Need]) -> frozenset[Need]:
+        """Add what is implied: the Gram matrix contains the target row and the norms."""
+        out = set(needs)
+        if Need.GRAM in out:
+            out |= {Need.TARGET_ROW, Need.NORMS}
+        return frozenset(out)
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """Gradient statistics of one step, over the parameters shared between sources.
+
+    Every tensor has ``num_sources`` entries along each source axis. Statistics that were not
+    requested are ``None``. Sources absent from the step (``present[k]`` is False) have zero
+    entries and must get coefficient 0.
+    """
+
+    present: torch.Tensor  # bool [K+1]
+    losses: torch.Tensor | None = None  # [K+1] mean loss per source
+    target_row: torch.Tensor | None = None  # [K+1], target_row[k] = <g_k, g_0>
+    gram: torch.Tensor | None = None  # [K+1, K+1]
+    norms: torch.Tensor | None = None  # [K+1]
+    step: int = 0
+    lr: float = 1.0  # learning rate the optimizer applies at this step
+
+    @property
+    def num_sources(self) -> int:
+        return int(self.present.shape[0])
+
+    def require(self, need: Need) -> torch.Tensor:
+        """Return the statistic for ``need``, or raise if the engine did not compute it."""
+        value = getattr(self, need.value)
+        if value is None:
+            raise ValueError(
+                f"statistic '{need.value}' was not computed; declare Need.{need.name} "
+                "in the strategy's needs"
+            )
+        assert isinstance(value, torch.Tensor)
+        return value
+
+    def cosines(self, eps: float = 1e-12) -> torch.Tensor:
+        """cos(g_k, g_0) for every source k (0 where a gradient vanishes)."""
+        row = self.require(Need.TARGET_ROW)
+        norms = self.require(Need.NORMS)
+        return row / (norms * norms[0]).clamp_min(eps)

@@ -1,0 +1,366 @@
+"""The trainer: wires data, model, engine, strategy, sampler and ledger, and writes the run."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from auxilia import __version__
+from auxilia.atomic import write_json, write_text
+from auxilia.data.batching import Batch, BatchPlanner
+from auxilia.data.sources import Pair, Source, Target, check_problem, head_outputs
+from auxilia.engine import Engine
+from auxilia.errors import ConfigError, DataError, NonFiniteLossError
+from auxilia.ledger import Ledger
+from auxilia.models import AuxModel, build_model, build_trunk
+from auxilia.samplers import Sampler, all_sources
+from auxilia.statistics import Need
+from auxilia.strategies import Strategy
+from auxilia.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from auxilia.train.progress import TrainingProgress
+
+OptimizerName = Literal["sgd", "adam", "adamw"]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How to train: optimiser, length, evaluation, logging, checkpoints, seed and device."""
+
+    steps: int = 500
+    optimizer: OptimizerName = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    eval_every: int = 100
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    seed: int = 0
+    device: str = "cpu"
+    eval_batch_size: int = 1024
+    engine_mode: str = "exact"
+
+    def __post_init__(self) -> None:
+        for name in (
+            "steps",
+            "eval_every",
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "eval_batch_size",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(
+                    f"train.{name}: expected an integer >= 1, got {getattr(self, name)}"
+                )
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"train.lr: expected a positive number, got {self.lr}")
+        if self.optimizer not in ("sgd", "adam", "adamw"):
+            raise ConfigError(
+                f"train.optimizer: expected 'sgd', 'adam' or 'adamw', got {self.optimizer!r}"
+            )
+
+
+def metric_name(target: Target) -> str:
+    return "accuracy" if target.kind == "classification" else "mse"
+
+
+def per_sample_loss(kind: str, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per sample (classification) or mean squared error per sample (regression)."""
+    if kind == "classification":
+        return F.cross_entropy(outputs, labels, reduction="none")
+    labels = labels.reshape(outputs.shape).to(outputs.dtype)
+    return ((outputs - labels) ** 2).reshape(outputs.shape[0], -1).mean(dim=1)
+
+
+class Trainer:
+    """Train a target with auxiliary sources under a strategy; write a run directory.
+
+    Example::
+
+        trainer = Trainer(target, sources, strategy=ax.strategies.gcs(), out_dir="runs/gcs")
+        results = trainer.fit()
+    """
+
+    def __init__(
+        self,
+        target: Target,
+        sources: Sequence[Source],
+        *,
+        strategy: Strategy,
+        sampler: Sampler | None = None,
+        trunk: str | torch.nn.Module = "mlp",
+        trunk_params: Mapping[str, Any] | None = None,
+        settings: TrainSettings | None = None,
+        out_dir: str | Path | None = None,
+        config: Mapping[str, Any] | None = None,
+        quiet: bool = False,
+    ) -> None:
+        check_problem(target, sources)
+        self.target = target
+        self.sources = list(sources)
+        self.strategy = strategy
+        self.sampler = sampler or all_sources()
+        self.settings = settings or TrainSettings()
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.quiet = quiet
+        self.names = [target.name] + [s.name for s in self.sources]
+        self.kinds = [target.kind] + [s.kind for s in self.sources]
+        self.device = torch.device(self.settings.device)
+
+        torch.manual_seed(self.settings.seed)
+        heads = {target.name: target.outputs}
+        heads.update({s.name: head_outputs(s) for s in self.sources if s.head == "own"})
+        trunk_module = build_trunk(trunk, tuple(target.train[0].shape[1:]), trunk_params or {})
+        self.model: AuxModel = build_model(trunk_module, target.train[0][0], heads).to(self.device)
+        shared = list(self.model.trunk.parameters())
+        if any(s.head == "target" for s in self.sources):
+            shared += list(self.model.heads[target.name].parameters())
+        self.engine = Engine(
+            self.model.parameters(),
+            strategy=strategy,
+            num_sources=len(self.names),
+            shared=shared,
+            mode=self.settings.engine_mode,
+            extra_needs={Need.LOSSES, Need.TARGET_ROW},
+            names=self.names,
+        )
+        self.optimizer = self._optimizer()
+        self.planner = BatchPlanner(target, self.sources, self.settings.seed)
+        self.sampler_state = self.sampler.init(len(self.names), self.settings.seed + 7)
+        self.ledger = Ledger(self.names)
+        self.coefficients = torch.ones(len(self.names), dtype=torch.float64)
+        self.config = dict(config) if config is not None else self.describe()
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        s = self.settings
+        params = self.model.parameters()
+        if s.optimizer == "sgd":
+            return torch.optim.SGD(
+                params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay
+            )
+        if s.optimizer == "adam":
+            return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
+        return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+
+    def describe(self) -> dict[str, Any]:
+        """A plain description of the run (written as ``config.yaml`` when no config was given)."""
+        return {
+            "target": {"name": self.target.name, "kind": self.target.kind},
+            "sources": [
+                {"name": s.name, "granularity": s.granularity, "head": s.head, "kind": s.kind}
+                for s in self.sources
+            ],
+            "strategy": {"name": self.strategy.name, "params": dict(self.strategy.params)},
+            "sampler": {"name": self.sampler.name, "params": dict(self.sampler.params)},
+            "train": asdict(self.settings),
+        }
+
+    # ---- one step -------------------------------------------------------------------------
+
+    def _losses(self, batch: Batch, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model(batch.x.to(self.device))
+        losses, ids = [], []
+        for segment in batch.segments:
+            outputs = self.model.heads[segment.head](features[segment.rows])
+            loss = per_sample_loss(
+                self.kinds[segment.source], outputs, segment.labels.to(self.device)
+            )
+            mean = float(loss.detach().mean())
+            if not math.isfinite(mean):
+                raise NonFiniteLossError(step, self.names[segment.source], mean)
+            losses.append(loss)
+            ids.append(torch.full((loss.shape[0],), segment.source, dtype=torch.int64))
+        return torch.cat(losses), torch.cat(ids).to(self.device)
+
+    def train_step(self, step: int) -> torch.Tensor:
+        """Draw, forward, measure, weight, step; returns the coefficients of this step."""
+        drawn, self.sampler_state = self.sampler.draw(self.sampler_state, self.coefficients)
+        batch = self.planner.next(drawn)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        losses, ids = self._losses(batch, step)
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        alpha = self.engine.backward(losses, ids, lr=lr)
+        self.optimizer.step()
+        assert self.engine.last_statistics is not None
+        self.ledger.record(self.engine.last_statistics, alpha)
+        self.coefficients = torch.where(drawn, alpha, self.coefficients)
+        return alpha
+
+    # ---- evaluation -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, split: Pair) -> float:
+        """The target metric (accuracy or mean squared error) on ``split``."""
+        self.model.eval()
+        x, y = split
+        total, count = 0.0, 0
+        head = self.model.heads[self.target.name]
+        for start in range(0, len(x), self.settings.eval_batch_size):
+            xb = x[start : start + self.settings.eval_batch_size].to(self.device)
+            yb = y[start : start + self.settings.eval_batch_size].to(self.device)
+            out = head(self.model(xb))
+            if self.target.kind == "classification":
+                total += float((out.argmax(dim=1) == yb).sum())
+            else:
+                total += float(per_sample_loss("regression", out, yb).sum())
+            count += len(xb)
+        self.model.train()
+        return total / count
+
+    # ---- state ----------------------------------------------------------------------------
+
+    def state_dict(self, step: int, wall: float) -> dict[str, Any]:
+        return {
+            "step": step,
+            "names": list(self.names),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "engine": self.engine.state_dict(),
+            "sampler": dict(self.sampler_state),
+            "planner": self.planner.state_dict(),
+            "ledger": self.ledger.state_dict(),
+            "coefficients": self.coefficients.clone(),
+            "torch_rng": torch.get_rng_state(),
+            "wall_seconds": wall,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> int:
+        if list(state["names"]) != self.names:
+            raise DataError(
+                f"checkpoint sources {list(state['names'])} differ from this run's {self.names}"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.engine.load_state_dict(state["engine"])
+        self.sampler_state = dict(state["sampler"])
+        self.planner.load_state_dict(state["planner"])
+        self.ledger.load_state_dict(state["ledger"])
+        self.coefficients = state["coefficients"].clone()
+        torch.set_rng_state(state["torch_rng"])
+        return int(state["step"])
+
+    # ---- the run --------------------------------------------------------------------------
+
+    def fit(self, *, resume: bool = False) -> dict[str, Any]:
+        """Train for ``settings.steps`` steps (continuing from the last checkpoint on ``resume``)
+        and return the results (also written to ``results.json`` when there is a run directory)."""
+        s = self.settings
+        out = self.out_dir
+        start, wall_before = 0, 0.0
+        if out is not None:
+            start, wall_before = self._prepare_run_dir(out, resume)
+        began = time.perf_counter()
+        metric = metric_name(self.target)
+        with TrainingProgress(
+            s.steps, self.target.name + ":" + self.strategy.name, quiet=self.quiet
+        ) as progress:
+            progress.advance(start)
+            for step in range(start + 1, s.steps + 1):
+                self.train_step(step)
+                record: dict[str, Any] | None = None
+                if step % s.log_every == 0 or step == s.steps:
+                    record = {"step": step, "lr": float(self.optimizer.param_groups[0]["lr"])}
+                    record.update(self.ledger.flush_interval())
+                if self.target.val is not None and (step % s.eval_every == 0 or step == s.steps):
+                    value = self.evaluate(self.target.val)
+                    record = record or {"step": step}
+                    record["val"] = {"metric": metric, "value": value}
+                    progress.log(step, f"val {metric} {value:.4f}")
+                    progress.advance(step, f"val {metric} {value:.4f}")
+                else:
+                    progress.advance(step)
+                if out is not None and record is not None:
+                    with open(out / "metrics.jsonl", "a", encoding="utf-8") as handle:
+                        handle.write(json.dumps(record) + "\n")
+                if out is not None and (step % s.checkpoint_every == 0 or step == s.steps):
+                    wall = wall_before + time.perf_counter() - began
+                    save_checkpoint(
+                        out / "checkpoints", step, self.state_dict(step, wall), s.keep_checkpoints
+                    )
+        results = self._results(wall_before + time.perf_counter() - began)
+        if out is not None:
+            write_json(out / "results.json", results)
+            from auxilia.report import render_report
+
+            render_report(out)
+        return results
+
+    def _prepare_run_dir(self, out: Path, resume: bool) -> tuple[int, float]:
+        checkpoints = list_checkpoints(out / "checkpoints")
+        if not resume:
+            if checkpoints or (out / "results.json").exists():
+                raise ConfigError(
+                    f"run directory {out} already holds a run; pass --resume to continue it "
+                    "or choose another --out"
+                )
+            out.mkdir(parents=True, exist_ok=True)
+            write_text(out / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
+            (out / "metrics.jsonl").write_text("", encoding="utf-8")
+            return 0, 0.0
+        if not checkpoints:
+            raise ConfigError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+        state = load_checkpoint(checkpoints[-1][1])
+        step = self.load_state_dict(state)
+        (out / "results.json").unlink(missing_ok=True)
+        self._truncate_metrics(out / "metrics.jsonl", step)
+        return step, float(state["wall_seconds"])
+
+    @staticmethod
+    def _truncate_metrics(path: Path, step: int) -> None:
+        """Keep the metric lines up to the resumed step (drop later and half-written lines)."""
+        kept = []
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if int(record.get("step", 0)) <= step:
+                    kept.append(line)
+        write_text(path, "".join(line + "\n" for line in kept))
+
+    def _results(self, wall: float) -> dict[str, Any]:
+        split_name, split = "train", self.target.train
+        if self.target.test is not None:
+            split_name, split = "test", self.target.test
+        elif self.target.val is not None:
+            split_name, split = "val", self.target.val
+        granularity = ["target"] + [s.granularity for s in self.sources]
+        heads = [self.target.name] + [
+            self.target.name if s.head == "target" else s.name for s in self.sources
+        ]
+        sources = [
+            {
+                "name": row["name"],
+                "granularity": granularity[k],
+                "head": heads[k],
+                **{key: value for key, value in row.items() if key != "name"},
+            }
+            for k, row in enumerate(self.ledger.summary())
+        ]
+        return {
+            "auxilia_version": __version__,
+            "strategy": {"name": self.strategy.name, "params": dict(self.strategy.params)},
+            "sampler": {"name": self.sampler.name, "params": dict(self.sampler.params)},
+            "target": {
+                "name": self.target.name,
+                "metric": metric_name(self.target),
+                "split": split_name,
+                "value": self.evaluate(split),
+            },
+            "sources": sources,
+            "steps": self.settings.steps,
+            "seed": self.settings.seed,
+            "wall_seconds": wall,
+        }

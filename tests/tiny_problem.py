@@ -1,0 +1,152 @@
+"""A tiny auxilia problem written into a folder, for fast end-to-end tests of the CLI and trainer.
+
+``write_tiny_problem(folder)`` writes the data files and a YAML config and returns the config's
+path. The problem: 8 random float32 features; a 3-class target (30 train, 15 val, 15 test rows)
+whose class is the argmax of the first three features; a ``helper`` dataset sharing the target's
+head (same rule); an ``other`` dataset with its own 2-class head (sign of feature 3); and a
+``parity`` task on the target's training inputs (sign of feature 4).
+
+``poisoned_trunk`` is a trunk factory (``model.trunk: tests.tiny_problem:poisoned_trunk``) that
+returns NaN features for the rows of one source after a given number of training forward passes.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from auxilia.data.files import save_array_file
+
+FEATURES = 8
+CLASSES = 3
+SPLITS = {"train": 30, "val": 15, "test": 15}
+SOURCE_ROWS = 40
+# Rows of the ``other`` source carry this value in feature 7, so a trunk can tell them apart.
+MARKER = 50.0
+
+
+def _features(rng: np.random.Generator, rows: int) -> np.ndarray:
+    return rng.standard_normal((rows, FEATURES)).astype(np.float32)
+
+
+def target_rule(x: np.ndarray) -> np.ndarray:
+    """The learnable 3-class rule of the target (and of the ``helper`` source)."""
+    return np.argmax(x[:, :CLASSES], axis=1).astype(np.int64)
+
+
+def base_config() -> dict[str, Any]:
+    """The config mapping of the tiny problem (data paths relative to the config's folder)."""
+    return {
+        "target": {
+            "name": "tiny",
+            "train": "data/target_train.npz",
+            "val": "data/target_val.npz",
+            "test": "data/target_test.npz",
+            "num_classes": CLASSES,
+            "batch_size": 8,
+        },
+        "sources": [
+            {"name": "helper", "granularity": "dataset", "data": "data/helper.npz",
+             "head": "target", "batch_size": 8},
+            {"name": "other", "granularity": "dataset", "data": "data/other.npz",
+             "head": "own", "batch_size": 8},
+            {"name": "parity", "granularity": "task", "labels": "data/parity.npz"},
+        ],
+        "model": {"trunk": "mlp", "params": {"hidden": [16]}},
+        "strategy": {"name": "gcs"},
+        "sampler": {"name": "all"},
+        "train": {
+            "steps": 20,
+            "lr": 0.01,
+            "log_every": 5,
+            "eval_every": 10,
+            "checkpoint_every": 10,
+            "seed": 0,
+        },
+    }
+
+
+def write_data(folder: Path, seed: int = 0) -> None:
+    """Write the tiny problem's ``.npz`` files under ``folder/data``."""
+    rng = np.random.default_rng(seed)
+    data = folder / "data"
+    train_x = None
+    for split, rows in SPLITS.items():
+        x = _features(rng, rows)
+        save_array_file(data / f"target_{split}.npz", x, target_rule(x))
+        if split == "train":
+            train_x = x
+    assert train_x is not None
+    x = _features(rng, SOURCE_ROWS)
+    save_array_file(data / "helper.npz", x, target_rule(x))
+    x = _features(rng, SOURCE_ROWS)
+    y = (x[:, 3] > 0).astype(np.int64)
+    x[:, 7] = MARKER
+    save_array_file(data / "other.npz", x, y)
+    save_array_file(data / "parity.npz", None, (train_x[:, 4] > 0).astype(np.int64))
+
+
+def deep_update(base: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` merged in (nested mappings merge; other values replace)."""
+    merged = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = deep_update(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def write_config(folder: Path, config: Mapping[str, Any], name: str = "config.yaml") -> Path:
+    """Dump ``config`` as YAML into ``folder/name``; return the path."""
+    path = folder / name
+    path.write_text(yaml.safe_dump(dict(config), sort_keys=False), encoding="utf-8")
+    return path
+
+
+def write_tiny_problem(
+    folder: Path, changes: Mapping[str, Any] | None = None, *, name: str = "config.yaml", seed: int = 0
+) -> Path:
+    """Write data and a config (the base config updated by ``changes``); return the config path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "data" / "target_train.npz").exists():
+        write_data(folder, seed)
+    return write_config(folder, deep_update(base_config(), changes or {}), name)
+
+
+class _Poisoned(nn.Module):
+    """An MLP whose features turn NaN for marked rows after ``after`` training forward passes."""
+
+    def __init__(self, inner: nn.Module, after: int, marker: float) -> None:
+        super().__init__()
+        self.inner = inner
+        self.after = after
+        self.marker = marker
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.inner(x)
+        if not torch.is_grad_enabled():  # shape probing and evaluation
+            return out
+        self.calls += 1
+        if self.calls > self.after:
+            marked = (x.reshape(x.shape[0], -1)[:, -1] >= self.marker).unsqueeze(1)
+            out = torch.where(marked, torch.full_like(out, float("nan")), out)
+        return out
+
+
+def poisoned_trunk(
+    input_shape: Sequence[int], hidden: Sequence[int] = (16,), after: int = 12, marker: float = MARKER
+) -> nn.Module:
+    """Trunk factory: marked rows (last feature >= ``marker``) give NaN from training step
+    ``after + 1`` on (counting this process's training forward passes)."""
+    from auxilia.models import mlp
+
+    return _Poisoned(mlp(input_shape, hidden=hidden), after, marker)
