@@ -1,4 +1,4 @@
-"""A tiny auxilia problem written into a folder, for fast end-to-end tests of the CLI and trainer.
+"""A tiny auxilia problem written into a folder, and helpers to call the ``auxilia`` command.
 
 ``write_tiny_problem(folder)`` writes the data files and a YAML config and returns the config's
 path. The problem: 8 random float32 features; a 3-class target (30 train, 15 val, 15 test rows)
@@ -8,12 +8,19 @@ head (same rule); an ``other`` dataset with its own 2-class head (sign of featur
 
 ``poisoned_trunk`` is a trunk factory (``model.trunk: tests.tiny_problem:poisoned_trunk``) that
 returns NaN features for the rows of one source after a given number of training forward passes.
+
+``run_auxilia_process`` runs the real command in a subprocess; ``assert_one_line_error`` checks
+the CLI's error contract (non-zero exit, one ``error:`` line on stderr, no traceback).
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +31,7 @@ from torch import nn
 
 from auxilia.data.files import save_array_file
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 FEATURES = 8
 CLASSES = 3
 SPLITS = {"train": 30, "val": 15, "test": 15}
@@ -150,3 +158,45 @@ def poisoned_trunk(
     from auxilia.models import mlp
 
     return _Poisoned(mlp(input_shape, hidden=hidden), after, marker)
+
+
+# ---- calling the command ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Exit code and captured streams of one ``auxilia`` invocation."""
+
+    code: int
+    stdout: str
+    stderr: str
+
+
+def run_auxilia_process(*args: str | Path, timeout: float = 120) -> Outcome:
+    """Run ``python -m auxilia ARGS`` in a subprocess (repo root on PYTHONPATH for ``tests.*``)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    env["COLUMNS"] = "200"
+    done = subprocess.run(
+        [sys.executable, "-m", "auxilia", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+    return Outcome(done.returncode, done.stdout, done.stderr)
+
+
+def assert_one_line_error(outcome: Outcome, *fragments: str) -> str:
+    """Non-zero exit, no traceback, exactly one ``error:`` line on stderr naming ``fragments``."""
+    assert outcome.code != 0, outcome
+    assert "Traceback" not in outcome.stderr, outcome.stderr
+    lines = [line for line in outcome.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got: {outcome.stderr!r}"
+    line = lines[0]
+    assert line.startswith("error: "), line
+    for fragment in fragments:
+        assert fragment in line, f"{fragment!r} not in {line!r}"
+    return line

@@ -62,8 +62,12 @@ class Statistics:
         assert isinstance(value, torch.Tensor)
         return value
 
-    def cosines(self, eps: float = 1e-12) -> torch.Tensor:
-        """cos(g_k, g_0) for every source k (0 where a gradient vanishes)."""
+    def cosines(self) -> torch.Tensor:
+        """cos(g_k, g_0) for every source k, in [-1, 1] (0 where a gradient is exactly zero).
+
+        No epsilon in the denominator: the cosine does not depend on the gradients' scale.
+        """
         row = self.require(Need.TARGET_ROW)
-        norms = self.require(Need.NORMS)
-        return row / (norms * norms[0]).clamp_min(eps)
+        denominator = self.require(Need.NORMS) * self.require(Need.NORMS)[0]
+        safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+        return torch.where(denominator > 0, row / safe, torch.zeros_like(row)).clamp(-1.0, 1.0)

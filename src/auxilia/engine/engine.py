@@ -36,8 +36,9 @@ class Engine:
 
     Hand it one loss per sample and the id of the source each sample belongs to (0 = target);
     it measures what the strategy needs, asks the strategy for the coefficients α, writes the
-    combined gradient (accumulating into ``.grad``, like ``backward``), and returns α. Parameters
-    reached by a single source (its head) get that source's own gradient, unweighted.
+    combined gradient (accumulating into ``.grad``, like ``backward``), and returns α.
+    Parameters listed in ``shared`` (all of them when it is None) get Σ_k α_k g_k and are those
+    the statistics are measured on; the others (heads) get each source's own gradient, unweighted.
 
     Example::
 
@@ -49,7 +50,7 @@ class Engine:
 
     def __init__(
         self,
-        params: Iterable[torch.Tensor],
+        params: Iterable[torch.Tensor] | torch.nn.Module,
         *,
         strategy: Strategy,
         num_sources: int,
@@ -64,6 +65,10 @@ class Engine:
             raise EngineError(f"num_sources must be >= 1, got {num_sources}")
         if names is not None and len(names) != num_sources:
             raise EngineError(f"got {len(names)} names for {num_sources} sources")
+        # A module (rather than its parameters) lets per-sample modes hook its layers.
+        self.module = params if isinstance(params, torch.nn.Module) else None
+        if isinstance(params, torch.nn.Module):
+            params = params.parameters()
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise EngineError("no parameter requires grad")

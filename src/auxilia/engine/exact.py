@@ -46,8 +46,8 @@ def measure_exact(
 ) -> ExactMeasurement:
     """Differentiate each present source's mean loss separately and form the statistics.
 
-    Parameters are shared when listed in ``shared``, or, if ``shared`` is None, when the losses
-    of at least two present sources reach them. Statistics are over shared parameters only.
+    Parameters are shared when listed in ``shared``; all are when ``shared`` is None.
+    Statistics are over shared parameters only.
     """
     params = list(params)
     grads: list[list[torch.Tensor | None]] = []
@@ -57,14 +57,8 @@ def measure_exact(
             continue
         g = torch.autograd.grad(mean, params, retain_graph=True, allow_unused=True)
         grads.append(list(g))
-    if shared is None:
-        reached = [
-            sum(grads[k][i] is not None for k in range(len(grads))) for i in range(len(params))
-        ]
-        is_shared = [n >= 2 for n in reached]
-    else:
-        ids = {id(p) for p in shared}
-        is_shared = [id(p) in ids for p in params]
+    ids = {id(p) for p in (params if shared is None else shared)}
+    is_shared = [id(p) in ids for p in params]
 
     num = batch.num_sources
     flat = torch.zeros(num, 0, dtype=torch.float64)

@@ -16,6 +16,8 @@ class SourceLosses:
 
     means: list[torch.Tensor | None]  # None where the source has no sample in the batch
     counts: torch.Tensor  # int64 [K+1]
+    losses: torch.Tensor  # the per-sample losses [N], for modes that work per sample
+    ids: torch.Tensor  # int64 [N], the source of each sample
 
     @property
     def present(self) -> torch.Tensor:
@@ -71,4 +73,4 @@ def split_by_source(
             label = names[k] if names is not None else str(k)
             raise EngineError(f"non-finite loss {float(mean.detach())} for source '{label}'")
         means.append(mean)
-    return SourceLosses(means, counts)
+    return SourceLosses(means, counts, losses, ids)

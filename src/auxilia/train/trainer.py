@@ -312,6 +312,7 @@ class Trainer:
             raise ConfigError(f"--resume: no checkpoint in {out / 'checkpoints'}")
         state = load_checkpoint(checkpoints[-1][1])
         step = self.load_state_dict(state)
+        write_text(out / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
         (out / "results.json").unlink(missing_ok=True)
         self._truncate_metrics(out / "metrics.jsonl", step)
         return step, float(state["wall_seconds"])
