@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from tiny_problem import Outcome, write_tiny_problem
 
 

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from tiny_problem import REPO_ROOT, Outcome, assert_one_line_error
 from typer.testing import CliRunner
 
 from auxilia.cli import app
+from tiny_problem import REPO_ROOT, Outcome, assert_one_line_error
 
 NAMES = ["tiny", "helper", "other", "parity"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -52,7 +52,7 @@ def _check_per_source(record: dict[str, Any], key: str) -> None:
         assert value is None or _is_number(value), (key, values)
 
 
-# ---- auxilia run ----------------------------------------------------------------------------------
+# ---- auxilia run ---------------------------------------------------------------------------------
 
 
 def test_run_writes_every_file(runner: CliRunner, tiny_config: Path, tmp_path: Path) -> None:
@@ -66,11 +66,13 @@ def test_run_writes_every_file(runner: CliRunner, tiny_config: Path, tmp_path: P
     assert config["target"]["name"] == "tiny"
     for split in ("train", "val", "test"):
         path = Path(config["target"][split])
-        assert path.is_absolute() and path.is_file(), path
+        assert path.is_absolute(), path
+        assert path.is_file(), path
     assert [s["name"] for s in config["sources"]] == NAMES[1:]
     for source in config["sources"]:
         path = Path(source["data"] or source["labels"])
-        assert path.is_absolute() and path.is_file(), path
+        assert path.is_absolute(), path
+        assert path.is_file(), path
     assert config["strategy"]["name"] == "gcs"
     assert config["sampler"]["name"] == "all"
     assert config["model"] == {"trunk": "mlp", "params": {"hidden": [16]}}
@@ -83,14 +85,16 @@ def test_run_writes_every_file(runner: CliRunner, tiny_config: Path, tmp_path: P
     assert [r["step"] for r in records] == [5, 10, 15, 20]
     for record in records:
         assert isinstance(record["step"], int)
-        assert _is_number(record["lr"]) and record["lr"] == pytest.approx(0.01)
+        assert _is_number(record["lr"])
+        assert record["lr"] == pytest.approx(0.01)
         for key in ("loss", "coefficient", "credit"):
             _check_per_source(record, key)
         assert record["coefficient"]["tiny"] == pytest.approx(1.0)
         assert all(v is not None for v in record["loss"].values())  # every source drawn ("all")
         if record["step"] % 10 == 0:
             assert record["val"]["metric"] == "accuracy"
-            assert _is_number(record["val"]["value"]) and 0 <= record["val"]["value"] <= 1
+            assert _is_number(record["val"]["value"])
+            assert 0 <= record["val"]["value"] <= 1
         else:
             assert "val" not in record
 
@@ -100,15 +104,21 @@ def test_run_writes_every_file(runner: CliRunner, tiny_config: Path, tmp_path: P
     assert target["name"] == "tiny"
     assert target["metric"] == "accuracy"
     assert target["split"] == "test"
-    assert _is_number(target["value"]) and 0 <= target["value"] <= 1
+    assert _is_number(target["value"])
+    assert 0 <= target["value"] <= 1
     assert results["strategy"]["name"] == "gcs"
     assert isinstance(results["strategy"]["params"], dict)
     assert results["steps"] == 20
     assert results["seed"] == 0
-    assert _is_number(results["wall_seconds"]) and results["wall_seconds"] >= 0
+    assert _is_number(results["wall_seconds"])
+    assert results["wall_seconds"] >= 0
     sources = {s["name"]: s for s in results["sources"]}
     assert set(NAMES[1:]) <= set(sources)
-    expected = {"helper": ("dataset", "tiny"), "other": ("dataset", "other"), "parity": ("task", "parity")}
+    expected = {
+        "helper": ("dataset", "tiny"),
+        "other": ("dataset", "other"),
+        "parity": ("task", "parity"),
+    }
     for name, (granularity, head) in expected.items():
         source = sources[name]
         assert source["granularity"] == granularity
@@ -127,7 +137,8 @@ def test_run_writes_every_file(runner: CliRunner, tiny_config: Path, tmp_path: P
 
     # report.html and its plots
     html = (out / "report.html").read_text(encoding="utf-8")
-    assert "<html" in html.lower() and "data:image/png;base64," in html
+    assert "<html" in html.lower()
+    assert "data:image/png;base64," in html
     plots = sorted((out / "plots").glob("*.png"))
     assert plots, "no plots written"
     for plot in plots:
@@ -149,13 +160,14 @@ def test_run_prints_progress_unless_quiet(
 ) -> None:
     loud = auxilia_main("run", tiny_config, "--out", tmp_path / "loud")
     assert loud.code == 0, loud
-    assert "step 10/20" in loud.stderr and "step 20/20" in loud.stderr
+    assert "step 10/20" in loud.stderr
+    assert "step 20/20" in loud.stderr
     quiet = auxilia_main("run", tiny_config, "--out", tmp_path / "quiet", "--quiet")
     assert quiet.code == 0, quiet
     assert quiet.stderr == ""
 
 
-# ---- help -----------------------------------------------------------------------------------------
+# ---- help ----------------------------------------------------------------------------------------
 
 
 def test_help_lists_commands(runner: CliRunner) -> None:
@@ -174,11 +186,15 @@ def test_help_lists_commands(runner: CliRunner) -> None:
         ("report", ["RUN_DIR", "report.html"]),
     ],
 )
-def test_command_help_documents_options(runner: CliRunner, command: str, documented: list[str]) -> None:
+def test_command_help_documents_options(
+    runner: CliRunner, command: str, documented: list[str]
+) -> None:
     text = _invoke(runner, command, "--help").stdout
     assert "Usage:" in text
     for fragment in documented:
-        assert fragment.lower() in text.lower(), f"{fragment!r} missing from 'auxilia {command} --help'"
+        assert fragment.lower() in text.lower(), (
+            f"{fragment!r} missing from 'auxilia {command} --help'"
+        )
 
 
 def test_run_help_documents_default_out(runner: CliRunner) -> None:
@@ -193,19 +209,28 @@ def test_version(runner: CliRunner) -> None:
     assert __version__ in _invoke(runner, "--version").stdout
 
 
-# ---- run directory errors -------------------------------------------------------------------------
+# ---- run directory errors ------------------------------------------------------------------------
 
 
-def test_existing_run_without_resume_fails(runner: CliRunner, tiny_config: Path, tmp_path: Path) -> None:
+def test_existing_run_without_resume_fails(
+    runner: CliRunner, tiny_config: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "run"
     _run(runner, tiny_config, out)
     before = (out / "results.json").read_bytes()
     done = subprocess.run(
         [str(AUXILIA), "run", str(tiny_config), "--out", str(out), "--quiet"],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=120,
+        check=False,
     )
     line = assert_one_line_error(
-        Outcome(done.returncode, done.stdout, done.stderr), str(out), "already holds a run", "--resume"
+        Outcome(done.returncode, done.stdout, done.stderr),
+        str(out),
+        "already holds a run",
+        "--resume",
     )
     assert done.returncode == 2, line
     assert (out / "results.json").read_bytes() == before  # the old run is untouched
@@ -216,14 +241,20 @@ def test_resume_without_checkpoints_fails(
 ) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_one_line_error(auxilia_main("run", tiny_config, "--out", empty, "--resume", "--quiet"),
-                          "--resume", "no checkpoint")
+    assert_one_line_error(
+        auxilia_main("run", tiny_config, "--out", empty, "--resume", "--quiet"),
+        "--resume",
+        "no checkpoint",
+    )
     missing = tmp_path / "missing"
-    assert_one_line_error(auxilia_main("run", tiny_config, "--out", missing, "--resume", "--quiet"),
-                          "no checkpoint")
+    assert_one_line_error(
+        auxilia_main("run", tiny_config, "--out", missing, "--resume", "--quiet"), "no checkpoint"
+    )
 
 
-def test_resume_of_finished_run_is_a_no_op(runner: CliRunner, tiny_config: Path, tmp_path: Path) -> None:
+def test_resume_of_finished_run_is_a_no_op(
+    runner: CliRunner, tiny_config: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "run"
     _run(runner, tiny_config, out)
     metrics = (out / "metrics.jsonl").read_text(encoding="utf-8")
@@ -236,7 +267,7 @@ def test_resume_of_finished_run_is_a_no_op(runner: CliRunner, tiny_config: Path,
     assert again == results
 
 
-# ---- auxilia report -------------------------------------------------------------------------------
+# ---- auxilia report ------------------------------------------------------------------------------
 
 
 def test_report_rerenders(runner: CliRunner, tiny_config: Path, tmp_path: Path) -> None:
@@ -255,7 +286,7 @@ def test_report_of_a_non_run_fails(auxilia_main: Callable[..., Outcome], tmp_pat
     assert_one_line_error(auxilia_main("report", tmp_path), "results.json")
 
 
-# ---- auxilia demo ---------------------------------------------------------------------------------
+# ---- auxilia demo --------------------------------------------------------------------------------
 
 
 def test_demo_smoke(runner: CliRunner, tmp_path: Path) -> None:

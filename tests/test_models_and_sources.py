@@ -26,7 +26,9 @@ def test_mlp_trunk_widths() -> None:
 
 
 def test_cnn_trunk_reshapes_flat_images() -> None:
-    trunk = build_trunk("cnn", (784,), {"channels": [4, 8], "image_shape": [1, 28, 28], "hidden": 10})
+    trunk = build_trunk(
+        "cnn", (784,), {"channels": [4, 8], "image_shape": [1, 28, 28], "hidden": 10}
+    )
     assert trunk(torch.randn(3, 784)).shape == (3, 10)
     convs = [m for m in trunk.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [c.out_channels for c in convs] == [4, 8]
@@ -63,8 +65,14 @@ def test_factory_errors_name_the_problem(path: str, message: str) -> None:
 def test_trainer_accepts_a_module_as_trunk() -> None:
     target = ax.Target("t", train=_pair(12), test=_pair(6))
     trunk = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU())
-    trainer = ax.Trainer(target, [], strategy=ax.strategies.equal(), trunk=trunk,
-                         settings=ax.TrainSettings(steps=2), quiet=True)
+    trainer = ax.Trainer(
+        target,
+        [],
+        strategy=ax.strategies.equal(),
+        trunk=trunk,
+        settings=ax.TrainSettings(steps=2),
+        quiet=True,
+    )
     assert trainer.model.trunk is trunk
     assert trainer.fit()["target"]["split"] == "test"
 
@@ -77,27 +85,42 @@ def test_dataset_inputs_are_read_into_tensors() -> None:
     assert target.outputs == 3
 
 
-
 @pytest.mark.parametrize(
     ("build", "message"),
     [
-        (lambda: ax.Target("t", train=(torch.randn(5, 2), torch.zeros(4, dtype=torch.long))),
-         "x has 5 rows but y has 4"),
-        (lambda: ax.Target("t", train=(torch.randn(0, 2), torch.zeros(0, dtype=torch.long))),
-         "has no samples"),
-        (lambda: ax.Target("t", train=(torch.randn(3, 2), torch.tensor([0, 1, 5])), num_classes=3),
-         r"label 5 outside the head's range \[0, 3\)"),
-        (lambda: ax.Target("t", train=(torch.randn(3, 2), torch.tensor([0, -1, 1]))),
-         "label -1 outside"),
-        (lambda: ax.Target("t", train=(torch.full((2, 2), float("nan")), torch.tensor([0, 1]))),
-         "non-finite"),
+        (
+            lambda: ax.Target("t", train=(torch.randn(5, 2), torch.zeros(4, dtype=torch.long))),
+            "x has 5 rows but y has 4",
+        ),
+        (
+            lambda: ax.Target("t", train=(torch.randn(0, 2), torch.zeros(0, dtype=torch.long))),
+            "has no samples",
+        ),
+        (
+            lambda: ax.Target(
+                "t", train=(torch.randn(3, 2), torch.tensor([0, 1, 5])), num_classes=3
+            ),
+            r"label 5 outside the head's range \[0, 3\)",
+        ),
+        (
+            lambda: ax.Target("t", train=(torch.randn(3, 2), torch.tensor([0, -1, 1]))),
+            "label -1 outside",
+        ),
+        (
+            lambda: ax.Target("t", train=(torch.full((2, 2), float("nan")), torch.tensor([0, 1]))),
+            "non-finite",
+        ),
         (lambda: ax.Source("s", granularity="task", data=_pair(3)), "takes labels"),
         (lambda: ax.Source("s", labels=torch.tensor([0, 1])), "takes data"),
         (lambda: ax.Source("s", data=_pair(3), granularity="other"), "granularity"),  # type: ignore[arg-type]
-        (lambda: ax.Source("s", granularity="task", labels=torch.tensor([0]), head="target"),
-         "its own head"),
-        (lambda: ax.Target("t", train=_pair(4), val=(torch.randn(2, 3), torch.tensor([0, 1]))),
-         "inputs have shape"),
+        (
+            lambda: ax.Source("s", granularity="task", labels=torch.tensor([0]), head="target"),
+            "its own head",
+        ),
+        (
+            lambda: ax.Target("t", train=_pair(4), val=(torch.randn(2, 3), torch.tensor([0, 1]))),
+            "inputs have shape",
+        ),
     ],
 )
 def test_invalid_data_is_named(build: object, message: str) -> None:

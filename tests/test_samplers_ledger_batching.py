@@ -163,8 +163,10 @@ def test_ledger_interval_flush_and_summary() -> None:
     for key in ("coefficient", "loss", "credit"):
         assert empty[key] == {"t": None, "a": None, "b": None}
     # The next interval only sees its own steps.
-    ledger.record(_stats([True, True, True], [1.0, -1.0, 2.0], [4.0, 6.0, 8.0], 1.0),
-                  torch.tensor([1.0, 0.0, 1.0], dtype=F64))
+    ledger.record(
+        _stats([True, True, True], [1.0, -1.0, 2.0], [4.0, 6.0, 8.0], 1.0),
+        torch.tensor([1.0, 0.0, 1.0], dtype=F64),
+    )
     record = ledger.flush_interval()
     assert _approx(record["coefficient"]) == {"t": 1.0, "a": 0.0, "b": 1.0}
     assert _approx(record["loss"]) == {"t": 4.0, "a": 6.0, "b": 8.0}
@@ -194,8 +196,9 @@ def test_ledger_final_coefficient_is_last_step_where_drawn() -> None:
     assert summary["a"]["final_coefficient"] == 0.5  # a was absent at step 2, keeps 0.5
     assert summary["b"]["final_coefficient"] == 0.25
     never = Ledger(["t", "never"])
-    never.record(_stats([True, False], [1.0, 0.0], [1.0, 0.0], 1.0),
-                 torch.tensor([1.0, 0.0], dtype=F64))
+    never.record(
+        _stats([True, False], [1.0, 0.0], [1.0, 0.0], 1.0), torch.tensor([1.0, 0.0], dtype=F64)
+    )
     row = never.summary()[1]
     assert row["drawn_steps"] == 0
     assert row["mean_coefficient"] is None
@@ -205,8 +208,9 @@ def test_ledger_final_coefficient_is_last_step_where_drawn() -> None:
 
 def test_ledger_without_target_row_reports_none_credit() -> None:
     ledger = Ledger(["t", "a"])
-    credit = ledger.record(_stats([True, True], None, [1.0, 2.0], 0.1),
-                           torch.tensor([1.0, 0.5], dtype=F64))
+    credit = ledger.record(
+        _stats([True, True], None, [1.0, 2.0], 0.1), torch.tensor([1.0, 0.5], dtype=F64)
+    )
     assert all(math.isnan(c) for c in credit.tolist())
     record = ledger.flush_interval()
     assert record["credit"] == {"t": None, "a": None}

@@ -378,9 +378,7 @@ def test_gcs_copy_of_target_gets_one_and_beats_orthogonal(
     g0 = grads[0]
     assume(float(g0.norm()) > 1e-2)
     k = grads.shape[0] - 1
-    copy, orthogonal = data.draw(
-        st.lists(st.integers(1, k), min_size=2, max_size=2, unique=True)
-    )
+    copy, orthogonal = data.draw(st.lists(st.integers(1, k), min_size=2, max_size=2, unique=True))
     grads = grads.clone()
     grads[copy] = g0
     v = grads[orthogonal]

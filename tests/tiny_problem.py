@@ -61,10 +61,20 @@ def base_config() -> dict[str, Any]:
             "batch_size": 8,
         },
         "sources": [
-            {"name": "helper", "granularity": "dataset", "data": "data/helper.npz",
-             "head": "target", "batch_size": 8},
-            {"name": "other", "granularity": "dataset", "data": "data/other.npz",
-             "head": "own", "batch_size": 8},
+            {
+                "name": "helper",
+                "granularity": "dataset",
+                "data": "data/helper.npz",
+                "head": "target",
+                "batch_size": 8,
+            },
+            {
+                "name": "other",
+                "granularity": "dataset",
+                "data": "data/other.npz",
+                "head": "own",
+                "batch_size": 8,
+            },
             {"name": "parity", "granularity": "task", "labels": "data/parity.npz"},
         ],
         "model": {"trunk": "mlp", "params": {"hidden": [16]}},
@@ -120,7 +130,11 @@ def write_config(folder: Path, config: Mapping[str, Any], name: str = "config.ya
 
 
 def write_tiny_problem(
-    folder: Path, changes: Mapping[str, Any] | None = None, *, name: str = "config.yaml", seed: int = 0
+    folder: Path,
+    changes: Mapping[str, Any] | None = None,
+    *,
+    name: str = "config.yaml",
+    seed: int = 0,
 ) -> Path:
     """Write data and a config (the base config updated by ``changes``); return the config path."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -151,7 +165,10 @@ class _Poisoned(nn.Module):
 
 
 def poisoned_trunk(
-    input_shape: Sequence[int], hidden: Sequence[int] = (16,), after: int = 12, marker: float = MARKER
+    input_shape: Sequence[int],
+    hidden: Sequence[int] = (16,),
+    after: int = 12,
+    marker: float = MARKER,
 ) -> nn.Module:
     """Trunk factory: marked rows (last feature >= ``marker``) give NaN from training step
     ``after + 1`` on (counting this process's training forward passes)."""
@@ -160,7 +177,7 @@ def poisoned_trunk(
     return _Poisoned(mlp(input_shape, hidden=hidden), after, marker)
 
 
-# ---- calling the command ------------------------------------------------------------------------
+# ---- calling the command -----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

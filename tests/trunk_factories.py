@@ -1,4 +1,4 @@
-"""Trunk factories named by import path in tests (``trunk_factories:small``; pytest puts tests/ on sys.path)."""
+"""Trunk factories named by import path in tests (pytest puts tests/ on sys.path)."""
 
 from __future__ import annotations
 

@@ -11,6 +11,25 @@ from auxilia.errors import StrategyError
 T = TypeVar("T")
 
 
+def _check_type(kind: str, name: str, key: str, value: Any, default: Any) -> None:
+    """Compare a parameter with the type of its default (bool, int, float, str)."""
+    if default is inspect.Parameter.empty or default is None:
+        return
+    if isinstance(default, bool):
+        ok, expected = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        expected = "a number"
+    elif isinstance(default, str):
+        ok, expected = isinstance(value, str), "a string"
+    else:
+        return
+    if not ok:
+        raise StrategyError(f"{kind} '{name}' parameter '{key}' expects {expected}, got {value!r}")
+
+
 def build(
     kind: str, name: str, registry: Mapping[str, Callable[..., T]], params: Mapping[str, Any] | None
 ) -> T:
@@ -31,6 +50,8 @@ def build(
     ]
     if missing:
         raise StrategyError(f"{kind} '{name}' needs parameter '{missing[0]}'")
+    for key, value in given.items():
+        _check_type(kind, name, key, value, accepted[key].default)
     try:
         return constructor(**given)
     except (TypeError, ValueError) as error:

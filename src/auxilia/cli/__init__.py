@@ -45,7 +45,7 @@ def run(
         Path, typer.Argument(help="YAML run config (paths inside are relative to it).")
     ],
     out: Annotated[
-        Path | None, typer.Option("--out", help="Run directory [default: runs/<config name>].")
+        Path | None, typer.Option("--out", help="Run directory (default: runs/<config name>).")
     ] = None,
     resume: Annotated[
         bool,

@@ -49,11 +49,11 @@ def cnn(
     shape = tuple(image_shape) if image_shape is not None else tuple(input_shape)
     if len(shape) != 3:
         raise ConfigError(
-            f"model.image_shape: the CNN needs (channels, height, width), got {list(shape)}"
+            f"model.params.image_shape: the CNN needs (channels, height, width), got {list(shape)}"
         )
     if math.prod(shape) != math.prod(input_shape):
         raise ConfigError(
-            f"model.image_shape: {list(shape)} does not hold inputs of shape {list(input_shape)}"
+            f"model.params.image_shape: {list(shape)} does not hold inputs {list(input_shape)}"
         )
     layers: list[nn.Module] = [_Reshape(shape)]
     in_channels, height, width = shape
@@ -62,7 +62,7 @@ def cnn(
         in_channels, height, width = out_channels, height // 2, width // 2
     if height < 1 or width < 1:
         raise ConfigError(
-            f"model.channels: {len(channels)} pooling stages shrink {list(shape)} to nothing"
+            f"model.params.channels: {len(channels)} poolings shrink {list(shape)} to nothing"
         )
     layers += [nn.Flatten(), nn.Linear(in_channels * height * width, hidden), nn.ReLU()]
     return nn.Sequential(*layers)

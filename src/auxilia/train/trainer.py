@@ -64,6 +64,12 @@ class TrainSettings:
                 )
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"train.lr: expected a positive number, got {self.lr}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as error:
+            raise ConfigError(f"train.device: not a torch device: {self.device!r}") from error
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"train.device: {self.device!r} requested but CUDA is not available")
         if self.optimizer not in ("sgd", "adam", "adamw"):
             raise ConfigError(
                 f"train.optimizer: expected 'sgd', 'adam' or 'adamw', got {self.optimizer!r}"
@@ -297,6 +303,8 @@ class Trainer:
         return results
 
     def _prepare_run_dir(self, out: Path, resume: bool) -> tuple[int, float]:
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"run directory {out} exists and is not a directory")
         checkpoints = list_checkpoints(out / "checkpoints")
         if not resume:
             if checkpoints or (out / "results.json").exists():
@@ -311,6 +319,11 @@ class Trainer:
         if not checkpoints:
             raise ConfigError(f"--resume: no checkpoint in {out / 'checkpoints'}")
         state = load_checkpoint(checkpoints[-1][1])
+        if int(state["step"]) > self.settings.steps:
+            raise ConfigError(
+                f"train.steps: {self.settings.steps} is below the checkpoint's step "
+                f"{int(state['step'])}; resume with at least that many steps"
+            )
         step = self.load_state_dict(state)
         write_text(out / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
         (out / "results.json").unlink(missing_ok=True)
@@ -327,7 +340,7 @@ class Trainer:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if int(record.get("step", 0)) <= step:
+                if isinstance(record, dict) and int(record.get("step", 0)) <= step:
                     kept.append(line)
         write_text(path, "".join(line + "\n" for line in kept))
 

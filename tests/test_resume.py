@@ -1,0 +1,181 @@
+"""Resume exactness: a run stopped at N/2 and resumed to N equals the uninterrupted run, bitwise."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from auxilia.cli import app
+from auxilia.config import build_trainer, load_config
+from tiny_problem import Outcome, assert_one_line_error, base_config, write_tiny_problem
+
+STEPS = 20
+HALF = 10  # a multiple of log_every (5) and checkpoint_every (10): the logs line up exactly
+
+CASES = {
+    "gcs-all": {"strategy": {"name": "gcs"}, "sampler": {"name": "all"}},
+    # horizon 3: the resume point (10) falls inside an olaux accumulation window
+    "olaux-all": {
+        "strategy": {"name": "olaux", "params": {"horizon": 3}},
+        "sampler": {"name": "all"},
+    },
+    "gcs-uniform": {
+        "strategy": {"name": "gcs"},
+        "sampler": {"name": "uniform", "params": {"per_step": 1}},
+    },
+    "olaux-uniform": {
+        "strategy": {"name": "olaux", "params": {"horizon": 3}},
+        "sampler": {"name": "uniform", "params": {"per_step": 1}},
+    },
+}
+
+
+def _fit(config: Path, out: Path, *, resume: bool = False) -> dict[str, Any]:
+    return build_trainer(load_config(config), config.parent, out, quiet=True).fit(resume=resume)
+
+
+def _last_checkpoint(out: Path) -> dict[str, Any]:
+    path = sorted((out / "checkpoints").glob("step_*.pt"))[-1]
+    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    return state
+
+
+def _assert_same(a: Any, b: Any, where: str = "state") -> None:
+    """Deep, bitwise equality of checkpoint contents (tensors with torch.equal)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), where
+        assert a.dtype == b.dtype, where
+        assert a.shape == b.shape, where
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict), where
+        assert set(a) == set(b), where
+        for key in a:
+            _assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple), where
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def _results(out: Path) -> dict[str, Any]:
+    results: dict[str, Any] = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    results.pop("wall_seconds")
+    return results
+
+
+def _metrics(out: Path) -> list[dict[str, Any]]:
+    return [
+        json.loads(line)
+        for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
+
+
+def _assert_runs_equal(resumed: Path, full: Path) -> None:
+    a, b = _last_checkpoint(resumed), _last_checkpoint(full)
+    assert a["step"] == b["step"] == STEPS
+    assert set(a["model"]) == set(b["model"])
+    for name, tensor in b["model"].items():
+        assert torch.equal(a["model"][name], tensor), f"model parameter {name} differs after resume"
+    a.pop("wall_seconds")
+    b.pop("wall_seconds")
+    _assert_same(a, b)  # optimizer, engine/strategy, sampler, planner, ledger, RNG
+    assert _results(resumed) == _results(full)
+    metrics, expected = _metrics(resumed), _metrics(full)
+    assert [m["step"] for m in metrics] == [5, 10, 15, 20]
+    assert [m for m in metrics if m["step"] > HALF] == [m for m in expected if m["step"] > HALF]
+    assert metrics == expected
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_resume_with_more_steps_is_exact(case: str, tmp_path: Path) -> None:
+    problem = tmp_path / "problem"
+    full_config = write_tiny_problem(problem, CASES[case], name="full.yaml")
+    half_config = write_tiny_problem(
+        problem, {**CASES[case], "train": {"steps": HALF}}, name="half.yaml"
+    )
+
+    full = _fit(full_config, tmp_path / "full")
+    split_dir = tmp_path / "split"
+    half = _fit(half_config, split_dir)
+    assert half["steps"] == HALF
+    assert _last_checkpoint(split_dir)["step"] == HALF
+
+    resumed = _fit(full_config, split_dir, resume=True)  # train.steps raised from HALF to STEPS
+    assert resumed["steps"] == STEPS
+    assert resumed["target"] == full["target"]
+    assert resumed["sources"] == full["sources"]
+    _assert_runs_equal(split_dir, tmp_path / "full")
+    # config.yaml describes the resumed run (train.steps raised to STEPS), as in the full run
+    resolved = yaml.safe_load((split_dir / "config.yaml").read_text(encoding="utf-8"))
+    assert resolved["train"]["steps"] == STEPS
+    assert resolved == yaml.safe_load(
+        (tmp_path / "full" / "config.yaml").read_text(encoding="utf-8")
+    )
+
+
+def test_cli_resume_with_more_steps_is_exact(tmp_path: Path) -> None:
+    problem = tmp_path / "problem"
+    full_config = write_tiny_problem(problem, CASES["olaux-uniform"], name="full.yaml")
+    half_config = write_tiny_problem(
+        problem, {**CASES["olaux-uniform"], "train": {"steps": HALF}}, name="half.yaml"
+    )
+    runner = CliRunner()
+    for args in (
+        ["run", str(full_config), "--out", str(tmp_path / "full"), "--quiet"],
+        ["run", str(half_config), "--out", str(tmp_path / "split"), "--quiet"],
+        ["run", str(full_config), "--out", str(tmp_path / "split"), "--resume", "--quiet"],
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, (args, result.output, result.exception)
+    _assert_runs_equal(tmp_path / "split", tmp_path / "full")
+
+
+def test_half_written_metrics_line_is_dropped_on_resume(tmp_path: Path) -> None:
+    config = write_tiny_problem(tmp_path / "problem", CASES["gcs-uniform"])
+    full = tmp_path / "full"
+    _fit(config, full)
+
+    # A crash after step 15's line and in the middle of step 20's, with the checkpoint of step 10.
+    crashed = tmp_path / "crashed"
+    shutil.copytree(full, crashed)
+    (crashed / "checkpoints" / "step_00000020.pt").unlink()
+    (crashed / "results.json").unlink()
+    lines = (full / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 4
+    (crashed / "metrics.jsonl").write_text(
+        "\n".join(lines[:3]) + "\n" + lines[3][:30], encoding="utf-8"
+    )
+
+    _fit(config, crashed, resume=True)
+    text = (crashed / "metrics.jsonl").read_text(encoding="utf-8")
+    assert text.endswith("\n")
+    for line in text.splitlines():
+        json.loads(line)  # every line is whole
+    _assert_runs_equal(crashed, full)
+
+
+def test_resume_with_other_sources_fails(
+    auxilia_main: Callable[..., Outcome], tmp_path: Path
+) -> None:
+    problem = tmp_path / "problem"
+    config = write_tiny_problem(problem, {"train": {"steps": HALF}})
+    out = tmp_path / "run"
+    _fit(config, out)
+    fewer = write_tiny_problem(
+        problem, {"sources": base_config()["sources"][:2]}, name="fewer.yaml"
+    )
+    outcome = auxilia_main("run", fewer, "--out", out, "--resume", "--quiet")
+    assert_one_line_error(outcome, "checkpoint", "parity")
+    assert (out / "checkpoints" / f"step_{HALF:08d}.pt").is_file()
