@@ -410,7 +410,7 @@ def test_gcs_absent_sources_get_zero(grads: torch.Tensor, data: st.DataObject) -
 
 
 def test_registry_names() -> None:
-    assert strategies.names() == ["equal", "fixed", "gcs", "olaux", "target-only"]
+    assert strategies.names() == ["arml", "equal", "fixed", "gcs", "olaux", "target-only"]
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from auxilia.registry import build
+from auxilia.strategies.arml import arml
 from auxilia.strategies.base import State, Strategy, stateless
 from auxilia.strategies.equal import equal
 from auxilia.strategies.fixed import fixed
@@ -23,6 +24,7 @@ REGISTRY: dict[str, Callable[..., Strategy]] = {
     "fixed": fixed,
     "gcs": gcs,
     "olaux": olaux,
+    "arml": arml,
 }
 
 
@@ -40,6 +42,7 @@ __all__ = [
     "REGISTRY",
     "State",
     "Strategy",
+    "arml",
     "equal",
     "fixed",
     "gcs",
