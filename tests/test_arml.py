@@ -13,11 +13,11 @@ from hypothesis.extra import numpy as hnp
 from torch.testing import assert_close
 
 from auxilia import strategies
-from auxilia.engine import Engine
 from auxilia.errors import StrategyError
 from auxilia.statistics import Need, Statistics
 from auxilia.strategies import Strategy
 from auxilia.strategies.arml import nnls_gram
+from helpful_vs_harmful import train_helpful_vs_harmful
 
 F64 = torch.float64
 
@@ -191,29 +191,6 @@ def test_nnls_gram_is_optimal(grads: np.ndarray) -> None:
 # --------------------------------------------------------------------------- purpose
 
 
-def _train_helpful_vs_harmful(strategy: Strategy, steps: int, seed: int) -> torch.Tensor:
-    """Linear regression y = <x, w*>; a helpful source (same labels) and a harmful one (-y)."""
-    gen = torch.Generator().manual_seed(seed)
-    dim, per_source, lr = 4, 16, 0.05
-    w_star = torch.randn(dim, generator=gen, dtype=F64)
-    model = torch.nn.Linear(dim, 1, bias=False).to(F64)
-    torch.nn.init.zeros_(model.weight)
-    engine = Engine(model.parameters(), strategy=strategy, num_sources=3, mode="exact")
-    ids = torch.arange(3).repeat_interleave(per_source)
-    sign = torch.tensor([1.0, 1.0, -1.0], dtype=F64)[ids]
-    alpha = torch.empty(0)
-    for _ in range(steps):
-        x = torch.randn(3 * per_source, dim, generator=gen, dtype=F64)
-        y = sign * (x @ w_star)
-        losses = (model(x).squeeze(1) - y) ** 2
-        model.zero_grad()
-        alpha = engine.backward(losses, ids, lr=lr)
-        with torch.no_grad():
-            for p in model.parameters():
-                p -= lr * p.grad
-    return alpha
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize(
     "strategy",
@@ -221,7 +198,7 @@ def _train_helpful_vs_harmful(strategy: Strategy, steps: int, seed: int) -> torc
     ids=["nnls", "sgd"],
 )
 def test_purpose_prefers_helpful_source(strategy: Strategy, seed: int) -> None:
-    alpha = _train_helpful_vs_harmful(strategy, steps=20, seed=seed)
+    alpha = train_helpful_vs_harmful(strategy, steps=20, seed=seed)
     assert float(alpha[0]) == 1.0
     assert float(alpha[1]) > 1.0 > float(alpha[2])
     assert float(alpha[1]) > float(alpha[2])

@@ -16,10 +16,10 @@ from hypothesis.extra import numpy as hnp
 from torch.testing import assert_close
 
 from auxilia import strategies
-from auxilia.engine import Engine
 from auxilia.errors import StrategyError
 from auxilia.statistics import Need, Statistics
 from auxilia.strategies import Strategy
+from helpful_vs_harmful import train_helpful_vs_harmful
 
 F64 = torch.float64
 SQRT1_2 = 1.0 / math.sqrt(2.0)
@@ -221,40 +221,10 @@ def test_olaux_bad_params(params: dict[str, float], fragment: str) -> None:
 # so they are exempt: their exact updates above are their whole specification.
 
 
-def _train_helpful_vs_harmful(strategy: Strategy, steps: int = 20, seed: int = 0) -> torch.Tensor:
-    """Linear regression on y = <x, w*>; a helpful source with the same labels (gradient
-    aligned with the target's) and a harmful one with labels -y (gradient opposed). Returns the
-    coefficients of the last step."""
-    gen = torch.Generator().manual_seed(seed)
-    dim, per_source, lr = 4, 16, 0.05
-    w_star = torch.randn(dim, generator=gen, dtype=F64)
-    model = torch.nn.Linear(dim, 1, bias=False).to(F64)
-    torch.nn.init.zeros_(model.weight)
-    engine = Engine(
-        model.parameters(),
-        strategy=strategy,
-        num_sources=3,
-        names=["target", "helpful", "harmful"],
-    )
-    ids = torch.arange(3).repeat_interleave(per_source)
-    sign = torch.tensor([1.0, 1.0, -1.0], dtype=F64)[ids]
-    alpha = torch.empty(0)
-    for _ in range(steps):
-        x = torch.randn(3 * per_source, dim, generator=gen, dtype=F64)
-        y = sign * (x @ w_star)
-        losses = (model(x).squeeze(1) - y) ** 2
-        model.zero_grad()
-        alpha = engine.backward(losses, ids, lr=lr)
-        with torch.no_grad():
-            for p in model.parameters():
-                p -= lr * p.grad
-    return alpha
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("variant", ["weighted", "unweighted"])
 def test_gcs_purpose_prefers_helpful_source(variant: str, seed: int) -> None:
-    alpha = _train_helpful_vs_harmful(strategies.gcs(variant=variant), seed=seed)
+    alpha = train_helpful_vs_harmful(strategies.gcs(variant=variant), seed=seed)
     assert float(alpha[0]) == 1.0
     assert float(alpha[1]) > float(alpha[2])
     assert float(alpha[2]) == 0.0  # the opposed gradient is gated off
@@ -265,7 +235,7 @@ def test_olaux_purpose_prefers_helpful_source(seed: int) -> None:
     # beta = 1 keeps SGD stable here (with the paper's beta = 5 the helpful weight grows until
     # lr * sum(alpha) diverges on this quadratic).
     strategy = strategies.olaux(horizon=5, beta=1.0)
-    alpha = _train_helpful_vs_harmful(strategy, steps=20, seed=seed)
+    alpha = train_helpful_vs_harmful(strategy, steps=20, seed=seed)
     assert float(alpha[0]) == 1.0
     assert float(alpha[1]) > 1.0  # raised from its initial 1
     assert float(alpha[2]) == 0.0  # driven to the clip at 0
