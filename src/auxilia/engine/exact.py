@@ -73,8 +73,8 @@ def measure_exact(
                 if gk is not None:
                     block[k] = gk.detach().reshape(-1).to(torch.float64)
             columns.append(block)
-        flat = torch.cat(columns, dim=1).cpu()
-    gram = flat @ flat.T
+        flat = torch.cat(columns, dim=1)
+    gram = (flat @ flat.T).cpu()  # only the small K×K matrix leaves the device
     norms = gram.diagonal().clamp_min(0).sqrt()
     stats = Statistics(
         present=batch.present,
