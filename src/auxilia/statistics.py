@@ -20,11 +20,15 @@ class Need(enum.Enum):
     TARGET_ROW = "target_row"  # <g_k, g_0> for every source k
     GRAM = "gram"  # <g_k, g_l> for every pair
     NORMS = "norms"  # ||g_k|| for every source k
+    VALIDATION = "validation_row"  # <g_val, g_k>: held-out target gradient against each source
+    TARGET_EMA = "ema_row"  # <g_k, ĝ>: ĝ an exponential moving average of the target gradient
 
     @staticmethod
     def closure(needs: Iterable[Need]) -> frozenset[Need]:
         """Add what is implied: the Gram matrix contains the target row and the norms."""
         out = set(needs)
+        if Need.VALIDATION in out or Need.TARGET_EMA in out:
+            out.add(Need.TARGET_ROW)
         if Need.GRAM in out:
             out |= {Need.TARGET_ROW, Need.NORMS}
         return frozenset(out)
@@ -44,6 +48,9 @@ class Statistics:
     target_row: torch.Tensor | None = None  # [K+1], target_row[k] = <g_k, g_0>
     gram: torch.Tensor | None = None  # [K+1, K+1]
     norms: torch.Tensor | None = None  # [K+1]
+    validation_row: torch.Tensor | None = None  # [K+1], <g_val, g_k>, g_val on held-out target
+    ema_row: torch.Tensor | None = None  # [K+1], <g_k, ĝ> with ĝ updated by this step's g_0
+    ema_sqnorm: torch.Tensor | None = None  # scalar ||ĝ||²
     step: int = 0
     lr: float = 1.0  # learning rate the optimizer applies at this step
 

@@ -3,32 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
 
 import torch
 
-from auxilia.engine.exact import measure_exact
-from auxilia.engine.source_losses import SourceLosses, split_by_source
+from auxilia.engine.exact import accumulate
+from auxilia.engine.mode import LAYOUTS, DirectionalMeasurement, Layout, Mode, ModeContext
+from auxilia.engine.modes import resolve_mode
+from auxilia.engine.source_losses import SourceLosses, split_by_source, split_by_task
 from auxilia.errors import EngineError
 from auxilia.statistics import Need, Statistics
 from auxilia.strategies.base import State, Strategy
-
-
-class Measurement(Protocol):
-    """What a mode returns: the step's statistics and a way to write the combined gradient."""
-
-    statistics: Statistics
-
-    def combine(self, coefficients: torch.Tensor) -> None: ...
-
-
-MeasureFn = Callable[
-    [SourceLosses, Sequence[torch.Tensor], Sequence[torch.Tensor] | None, frozenset[Need]],
-    Measurement,
-]
-
-MODES: dict[str, MeasureFn] = {"exact": measure_exact}
 
 
 class Engine:
@@ -39,6 +25,12 @@ class Engine:
     combined gradient (accumulating into ``.grad``, like ``backward``), and returns α.
     Parameters listed in ``shared`` (all of them when it is None) get Σ_k α_k g_k and are those
     the statistics are measured on; the others (heads) get each source's own gradient, unweighted.
+
+    ``layout="partitioned"`` (default): each sample belongs to one source, ``losses`` is [N]
+    and ``source_ids`` [N]. ``layout="shared-input"``: every task is evaluated on the same
+    samples, ``losses`` is [B, K+1] (one column per task, the target first) or [K+1].
+    ``mode="auto"`` picks the fastest mode that computes what the strategy needs; a name
+    (``"exact"``, ``"ghost"``, ...) or a configured :class:`Mode` (``sketch(dim=64)``) forces one.
 
     Example::
 
@@ -55,16 +47,17 @@ class Engine:
         strategy: Strategy,
         num_sources: int,
         shared: Iterable[torch.Tensor] | None = None,
-        mode: str = "exact",
+        mode: str | Mode = "auto",
+        layout: Layout = "partitioned",
         extra_needs: Iterable[Need] = (),
         names: Sequence[str] | None = None,
     ) -> None:
-        if mode not in MODES:
-            raise EngineError(f"unknown engine mode '{mode}'; expected one of: {', '.join(MODES)}")
         if num_sources < 1:
             raise EngineError(f"num_sources must be >= 1, got {num_sources}")
         if names is not None and len(names) != num_sources:
             raise EngineError(f"got {len(names)} names for {num_sources} sources")
+        if layout not in LAYOUTS:
+            raise EngineError(f"unknown layout '{layout}'; expected one of: {', '.join(LAYOUTS)}")
         # A module (rather than its parameters) lets per-sample modes hook its layers.
         self.module = params if isinstance(params, torch.nn.Module) else None
         if isinstance(params, torch.nn.Module):
@@ -75,30 +68,132 @@ class Engine:
         self.shared = None if shared is None else [p for p in shared if p.requires_grad]
         self.strategy = strategy
         self.num_sources = num_sources
-        self.mode = mode
+        self.layout: Layout = layout
         self.names = list(names) if names is not None else None
         self.needs = Need.closure(set(strategy.needs) | set(extra_needs))
+        if Need.VALIDATION in self.needs and layout != "partitioned":
+            raise EngineError(
+                f"strategy '{strategy.name}' needs held-out target losses, which only the "
+                "partitioned layout supports"
+            )
+        if Need.TARGET_EMA in self.needs and not 0.0 < strategy.target_ema <= 1.0:
+            raise EngineError(
+                f"strategy '{strategy.name}' needs the target-gradient EMA but its rate "
+                f"target_ema={strategy.target_ema} is not in (0, 1]"
+            )
+        mode_needs = self.needs | ({Need.GRAM} if Need.VALIDATION in self.needs else set())
+        self.mode = resolve_mode(mode, layout, mode_needs, self.module is not None)
+        self._mode_needs = mode_needs - {Need.VALIDATION, Need.TARGET_EMA}
+        self.runner = self.mode.start(ModeContext(self.module, self.params, self.shared, layout))
         self.strategy_state: State = strategy.init(num_sources)
+        self.ema: list[torch.Tensor] | None = None
         self.step = 0
         self.last_statistics: Statistics | None = None
 
+    # ---- one step -------------------------------------------------------------------------
+
     def backward(
-        self, losses: torch.Tensor, source_ids: torch.Tensor, *, lr: float = 1.0
+        self,
+        losses: torch.Tensor,
+        source_ids: torch.Tensor | None = None,
+        *,
+        lr: float = 1.0,
+        validation: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Measure, weight and write the gradient of one step; return α (float64, [K+1])."""
-        batch = split_by_source(losses, source_ids, self.num_sources, self.names)
-        measurement = MODES[self.mode](batch, self.params, self.shared, self.needs)
-        stats = dataclasses.replace(measurement.statistics, step=self.step, lr=float(lr))
+        """Measure, weight and write the gradient of one step; return α (float64, [K+1]).
+
+        ``validation``: per-sample losses of held-out target samples, from the same forward
+        graph, for strategies that need ``Need.VALIDATION``; measured, never trained on.
+        """
+        batch = self._split(losses, source_ids, validation)
+        measurement = self.runner.measure(batch, self._mode_needs)
+        stats = measurement.statistics
+        if Need.VALIDATION in self.needs:
+            stats = _without_validation(stats, self.needs)
+        extra: dict[str, Any] = {}
+        if Need.TARGET_EMA in self.needs:
+            extra = self._update_ema(cast(DirectionalMeasurement, measurement))
+        stats = dataclasses.replace(stats, step=self.step, lr=float(lr), **extra)
         alpha, state = self.strategy.update(stats, self.strategy_state)
-        alpha = self._checked(alpha) * stats.present.to(torch.float64)
-        measurement.combine(alpha)
+        alpha, ema_coefficient = self._checked(alpha)
+        alpha = alpha * stats.present.to(torch.float64)
+        if Need.VALIDATION in self.needs:
+            measurement.combine(torch.cat([alpha, torch.zeros(1, dtype=torch.float64)]))
+        else:
+            measurement.combine(alpha)
+        if self.ema is not None and ema_coefficient != 0.0:
+            for param, direction in zip(self._shared_params(), self.ema, strict=True):
+                accumulate(param, ema_coefficient * direction)
         self.strategy_state = state
         self.step += 1
         self.last_statistics = stats
         return alpha
 
-    def _checked(self, alpha: torch.Tensor) -> torch.Tensor:
-        if alpha.shape != (self.num_sources,):
+    def _split(
+        self,
+        losses: torch.Tensor,
+        source_ids: torch.Tensor | None,
+        validation: torch.Tensor | None,
+    ) -> SourceLosses:
+        if self.layout == "shared-input":
+            if source_ids is not None:
+                raise EngineError("the shared-input layout takes no source_ids")
+            return split_by_task(losses, self.num_sources, self.names)
+        if source_ids is None:
+            raise EngineError("the partitioned layout needs source_ids, one per loss")
+        if Need.VALIDATION not in self.needs:
+            if validation is not None:
+                raise EngineError(
+                    f"validation losses were given but strategy '{self.strategy.name}' does "
+                    "not use them"
+                )
+            return split_by_source(losses, source_ids, self.num_sources, self.names)
+        if validation is None or validation.dim() != 1 or validation.numel() == 0:
+            raise EngineError(
+                f"strategy '{self.strategy.name}' needs held-out target losses: pass "
+                "validation=<1-D per-sample losses> to backward"
+            )
+        names = None if self.names is None else [*self.names, "validation"]
+        ids = torch.cat(
+            [
+                source_ids.to(device=losses.device, dtype=torch.int64),
+                torch.full_like(validation, self.num_sources, dtype=torch.int64),
+            ]
+        )
+        return split_by_source(torch.cat([losses, validation]), ids, self.num_sources + 1, names)
+
+    def _shared_params(self) -> list[torch.Tensor]:
+        return self.params if self.shared is None else self.shared
+
+    def _update_ema(self, measurement: DirectionalMeasurement) -> dict[str, Any]:
+        """ĝ ← ĝ + ρ (g_0 − ĝ) (ĝ starts at the first g_0); the statistics against it.
+
+        ĝ covers every shared parameter in the engine's order; a parameter the step does not
+        reach has g_0 = 0 there (and every g_k too, so it adds nothing to the products).
+        """
+        if not hasattr(measurement, "dots"):
+            raise EngineError(f"engine mode '{self.mode.name}' cannot keep a target-gradient EMA")
+        measured = {
+            id(p): g.detach()
+            for p, g in zip(measurement.shared, measurement.source_gradient(0), strict=True)
+        }
+        target = [measured.get(id(p), torch.zeros_like(p)) for p in self._shared_params()]
+        if self.ema is None:
+            self.ema = [g.clone() for g in target]
+        else:
+            rate = self.strategy.target_ema
+            for avg, g in zip(self.ema, target, strict=True):
+                avg.add_(g - avg, alpha=rate)
+        by_id = {id(p): e for p, e in zip(self._shared_params(), self.ema, strict=True)}
+        sqnorm = sum(float((e.to(torch.float64) ** 2).sum()) for e in self.ema)
+        return {
+            "ema_row": measurement.dots([by_id[id(p)] for p in measurement.shared]),
+            "ema_sqnorm": torch.tensor(sqnorm, dtype=torch.float64),
+        }
+
+    def _checked(self, alpha: torch.Tensor) -> tuple[torch.Tensor, float]:
+        expected = self.num_sources + (1 if Need.TARGET_EMA in self.needs else 0)
+        if alpha.shape != (expected,):
             raise EngineError(
                 f"strategy '{self.strategy.name}' returned {tuple(alpha.shape)} coefficients "
                 f"for {self.num_sources} sources"
@@ -106,13 +201,43 @@ class Engine:
         alpha = alpha.detach().to(torch.float64).cpu()
         if not bool(torch.isfinite(alpha).all()):
             raise EngineError(f"strategy '{self.strategy.name}' returned non-finite coefficients")
-        return alpha
+        if expected > self.num_sources:
+            return alpha[: self.num_sources], float(alpha[-1])
+        return alpha, 0.0
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Detach the mode from the model (hooks); the engine is not used afterwards."""
+        self.runner.close()
 
     def state_dict(self) -> dict[str, Any]:
-        """The strategy state and step counter, for checkpoints."""
-        return {"step": self.step, "strategy": dict(self.strategy_state)}
+        """The strategy state, step counter and target-gradient EMA, for checkpoints."""
+        state: dict[str, Any] = {"step": self.step, "strategy": dict(self.strategy_state)}
+        if self.ema is not None:
+            state["ema"] = [e.detach().cpu().clone() for e in self.ema]
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         self.step = int(state["step"])
         self.strategy_state = dict(state["strategy"])
+        if "ema" in state:
+            shared = self._shared_params()
+            self.ema = [e.to(p.device) for e, p in zip(state["ema"], shared, strict=True)]
+
+
+def _without_validation(stats: Statistics, needs: frozenset[Need]) -> Statistics:
+    """Split the (K+2)-source statistics into the K+1 sources and the validation row."""
+    gram = stats.require(Need.GRAM)
+    num = gram.shape[0] - 1
+    inner = gram[:num, :num].clone()
+    present = stats.present[:num].clone()
+    return Statistics(
+        present=present,
+        losses=None if stats.losses is None else stats.losses[:num].clone(),
+        target_row=inner[0].clone() if Need.TARGET_ROW in needs else None,
+        gram=inner if Need.GRAM in needs else None,
+        norms=inner.diagonal().clamp_min(0).sqrt() if Need.NORMS in needs else None,
+        validation_row=gram[num, :num].clone(),
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -12,12 +13,18 @@ from auxilia.errors import EngineError
 
 @dataclass(frozen=True)
 class SourceLosses:
-    """Mean loss per source (a graph-connected scalar each) plus which sources are present."""
+    """Per-sample losses with their sources, and each source's mean loss.
 
-    means: list[torch.Tensor | None]  # None where the source has no sample in the batch
-    counts: torch.Tensor  # int64 [K+1]
-    losses: torch.Tensor  # the per-sample losses [N], for modes that work per sample
-    ids: torch.Tensor  # int64 [N], the source of each sample
+    ``mean_vector`` holds every source's mean in one graph-connected tensor (what per-sample
+    and batched modes differentiate); ``means`` splits it into scalars on demand (what the exact
+    mode differentiates one by one), so that building a batch costs the same for any K.
+    """
+
+    mean_vector: torch.Tensor  # [K+1], graph-connected, 0 where the source is absent
+    counts: torch.Tensor  # int64 [K+1] on CPU
+    losses: torch.Tensor  # per-sample losses: [N] (partitioned) or [B, K+1] (shared-input)
+    ids: torch.Tensor  # int64 [N], the source of each sample (partitioned; empty otherwise)
+    mean_values: torch.Tensor  # float64 [K+1] on CPU, detached means (0 where absent)
 
     @property
     def present(self) -> torch.Tensor:
@@ -25,13 +32,51 @@ class SourceLosses:
 
     @property
     def num_sources(self) -> int:
-        return len(self.means)
+        return int(self.counts.shape[0])
+
+    @cached_property
+    def means(self) -> list[torch.Tensor | None]:
+        """Each source's mean loss as a graph-connected scalar; None where it is absent."""
+        out: list[torch.Tensor | None] = [None] * self.num_sources
+        for k in self.present_indices():
+            out[k] = self.mean_vector[k]
+        return out
 
     def values(self) -> torch.Tensor:
         """Detached float64 mean loss per source (0 where absent)."""
-        return torch.tensor(
-            [0.0 if m is None else float(m.detach()) for m in self.means], dtype=torch.float64
+        return self.mean_values.clone()
+
+    def present_indices(self) -> list[int]:
+        """The sources with at least one sample in the batch, in order."""
+        return self.present.nonzero().squeeze(1).tolist()
+
+
+def _checked_mean(mean: torch.Tensor, k: int, names: Sequence[str] | None) -> torch.Tensor:
+    if not bool(torch.isfinite(mean.detach())):
+        label = names[k] if names is not None and k < len(names) else str(k)
+        raise EngineError(f"non-finite loss {float(mean.detach())} for source '{label}'")
+    return mean
+
+
+def split_by_task(
+    losses: torch.Tensor, num_sources: int, names: Sequence[str] | None = None
+) -> SourceLosses:
+    """Validate shared-input ``losses``, [B, K+1] per sample or [K+1] means, one per task."""
+    if losses.dim() not in (1, 2) or losses.shape[-1] != num_sources:
+        raise EngineError(
+            f"shared-input losses must have shape [batch, {num_sources}] or [{num_sources}] "
+            f"(one column per task, the target first), got {tuple(losses.shape)}"
         )
+    if losses.dim() == 2 and losses.shape[0] == 0:
+        raise EngineError("losses is empty: a step needs at least one sample")
+    means = losses.mean(dim=0) if losses.dim() == 2 else losses
+    values = means.detach().to(device="cpu", dtype=torch.float64)
+    if not bool(torch.isfinite(values).all()):
+        k = int((~torch.isfinite(values)).nonzero()[0, 0])
+        _checked_mean(means[k], k, names)
+    counts = torch.full((num_sources,), losses.shape[0] if losses.dim() == 2 else 1)
+    empty = torch.zeros(0, dtype=torch.int64, device=losses.device)
+    return SourceLosses(means, counts, losses, empty, values)
 
 
 def split_by_source(
@@ -62,15 +107,10 @@ def split_by_source(
     sums = torch.zeros(num_sources, dtype=losses.dtype, device=losses.device).index_add(
         0, ids, losses
     )
-    means: list[torch.Tensor | None] = []
-    for k in range(num_sources):
-        n = int(counts[k])
-        if n == 0:
-            means.append(None)
-            continue
-        mean = sums[k] / n
-        if not bool(torch.isfinite(mean.detach())):
-            label = names[k] if names is not None else str(k)
-            raise EngineError(f"non-finite loss {float(mean.detach())} for source '{label}'")
-        means.append(mean)
-    return SourceLosses(means, counts, losses, ids)
+    # A few whole-vector operations and one transfer, for any number of sources.
+    mean_vector = sums / counts.clamp_min(1).to(device=sums.device, dtype=sums.dtype)
+    values = mean_vector.detach().to("cpu", torch.float64)
+    if not bool(torch.isfinite(values).all()):
+        k = int((~torch.isfinite(values)).nonzero()[0, 0])
+        _checked_mean(mean_vector[k], k, names)
+    return SourceLosses(mean_vector, counts, losses, ids, values)

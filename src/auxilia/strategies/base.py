@@ -25,7 +25,9 @@ class Strategy:
     """A named rule turning gradient statistics into one coefficient per source.
 
     ``coefficients[0]`` multiplies the target's gradient, ``coefficients[k]`` source k's. The
-    engine forces the coefficient of a source absent from a step to zero.
+    engine forces the coefficient of a source absent from a step to zero. A strategy that
+    needs ``Need.TARGET_EMA`` sets ``target_ema`` (the EMA rate ρ of the target gradient ĝ the
+    engine keeps: ĝ ← ĝ + ρ(g_0 − ĝ)) and returns one more coefficient, the last, for ĝ.
     """
 
     name: str
@@ -33,6 +35,7 @@ class Strategy:
     init: InitFn
     update: UpdateFn
     params: Mapping[str, Any] = field(default_factory=dict)
+    target_ema: float = 0.0
 
 
 def no_state(num_sources: int) -> State:

@@ -1,0 +1,1081 @@
+"""Forward hooks capturing per-sample gradient factors: the machinery of ``ghost``/``sketch``.
+
+Capture
+    At start, every submodule that owns shared parameters becomes a *unit* with a forward hook
+    (prepended, so it sees the layer's own output, before other hooks). While gradients are
+    enabled the hook records each call: the inputs (detached, not copied) and the gradient edge
+    of each output (so an in-place change of the output afterwards does not matter). Under
+    ``torch.no_grad()`` or ``inference_mode`` it records nothing and costs nothing.
+
+One backward
+    ``collect`` runs one ``torch.autograd.grad`` of L = Σ_k mean_k = Σ_i ℓ_i / n_{k(i)} with
+    respect to the recorded outputs and the non-shared parameters (which thereby receive their
+    gradient Σ_k g_k): the output gradient of sample i already carries its 1/n_k. Parameter
+    gradients of shared layers are not computed by autograd at all; the units turn inputs and
+    output gradients into :mod:`~auxilia.engine.factors`:
+
+    * ``Linear``, ``Conv1d``, ``Conv2d`` (stride, dilation, groups, any padding and padding
+      mode): the weight gradient of sample i is Σ_t b_it a_itᵀ (a: the input, or unfolded
+      patches; t: positions, e.g. tokens or pixels), the bias Σ_t b_it;
+    * ``Embedding``: rows idx_it of the table receive b_it (``padding_idx`` and
+      ``scale_grad_by_freq`` honoured; ``sparse=True`` is refused);
+    * ``LayerNorm``, ``RMSNorm``, ``GroupNorm``, ``BatchNorm`` (running statistics, or batch
+      statistics of an input that needs no gradient): the affine gradients x̂ ⊙ b and b, summed
+      over positions, with x̂ recomputed from the recorded input;
+    * every other module owning shared parameters (a custom layer, a raw ``nn.Parameter`` used
+      in a parent's forward, ``nn.MultiheadAttention`` whose packed in-projection and
+      ``out_proj`` it uses directly): exact per-sample gradients of that module's own
+      parameters with ``torch.func`` — ``functional_call`` replayed per sample under ``vmap``,
+      ``vjp`` with the recorded output gradients. The replay must be deterministic (no dropout
+      in training mode inside that module) and vmappable; otherwise a clear
+      :class:`~auxilia.errors.EngineError` names the module. Never silently skipped. It runs
+      under the autocast state recorded at the call; where kernels refuse autocast inside
+      ``vmap`` (seen on CUDA) it is replayed in the parameters' precision instead.
+
+    A parameter shared by several layers (tied embeddings) gets each layer's contribution;
+    they are summed per source before the Gram matrix. The graph is freed by the backward,
+    as ``loss.backward()`` would.
+
+Which rows are samples
+    A call is *per sample* when its input and output have the step's N samples along the batch
+    dimension (dim 0; dim 1 for a sequence-first ``MultiheadAttention``). Several such calls
+    in a step (a layer reused) are summed as extra positions. A call with another number of
+    rows (a head applied to a subset of rows, a flattened batch×time, a sequence-first layout)
+    cannot be mapped to samples; it takes the *per-source* path instead: one extra backward
+    from the losses to those outputs, batched over the present sources (``is_grads_batched``),
+    gives each source's own output gradient, and the factors are formed per source. That is
+    exact whatever the rows are, and costs one backward per source from the losses down to that
+    layer (little for a head next to the loss).
+
+Safeguards
+    Samples must not interact: ``BatchNorm`` normalising a gradient-carrying input with batch
+    statistics raises an error. A shared parameter that receives a gradient although its
+    module was not called (read directly by another module) raises an error. An input
+    modified in place after the call raises an error. With ``verify`` (the default) the first
+    step of each new call pattern (up to three) is also measured with ``exact`` and any
+    disagreement raises an error: this catches what the hooks cannot see (a tied weight used
+    through ``F.linear``, samples reordered inside the model, samples mixed by custom code).
+
+The hooks are removed by :meth:`Capture.close` (``Engine.close()``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import torch
+from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.nn import functional as F
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from auxilia.engine.exact import accumulate, measure_exact
+from auxilia.engine.factors import F64, Dense2D, EmbeddingRows, Factor, PerSample
+from auxilia.engine.mode import ModeContext
+from auxilia.engine.source_losses import SourceLosses
+from auxilia.errors import EngineError
+from auxilia.statistics import Need, Statistics
+
+_GRAM = frozenset({Need.GRAM})
+_NORMS: tuple[type[nn.Module], ...] = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.batchnorm._BatchNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Factors are formed in float64 for float64 parameters, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class Call:
+    """One recorded call of a unit's module."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    edges: list[GradientEdge]  # gradient edges of the outputs that need a gradient
+    leaves: list[int]  # their positions among the flattened outputs
+    out_shapes: list[tuple[int, ...]]
+    out_dtypes: list[torch.dtype]
+    versions: list[tuple[torch.Tensor, int]]  # inputs and their version counters at the call
+    autocast: tuple[str, bool, torch.dtype]
+    batch_stats: bool = False  # BatchNorm normalised with the batch's own statistics
+
+
+@dataclass
+class Unit:
+    """A module whose shared parameters are measured through its calls."""
+
+    name: str
+    module: nn.Module
+    params: dict[str, torch.Tensor]  # local name -> shared parameter
+    calls: list[Call] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"'{self.name or '<root>'}' ({type(self.module).__name__})"
+
+    def first_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return args[0] if args else kwargs.get("input")
+
+    def record(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Call | None:
+        """What to keep of a call (None: nothing needs a gradient)."""
+        x = self.first_input(args, kwargs)
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return None
+        if not isinstance(x, torch.Tensor):
+            raise EngineError(f"module {self.label} was called without a tensor input")
+        return Call(
+            args=(x.detach(),),
+            kwargs={},
+            edges=[get_gradient_edge(output)],
+            leaves=[0],
+            out_shapes=[tuple(output.shape)],
+            out_dtypes=[output.dtype],
+            versions=[(x, x._version)],
+            autocast=(x.device.type, torch.is_autocast_enabled(x.device.type), torch.float32),
+        )
+
+    def per_sample(self, call: Call, n: int) -> bool:
+        """Whether the call's rows are the step's samples."""
+        x = call.args[0]
+        return bool(x.dim() >= 2 and x.shape[0] == n and call.out_shapes[0][:1] == (n,))
+
+    def factors(
+        self, items: list[tuple[Call, list[torch.Tensor]]], rows: int, per_sample: bool
+    ) -> list[tuple[list[torch.Tensor], Factor]]:
+        """Factors of this unit's parameters from calls on one axis (samples or sources)."""
+        raise NotImplementedError
+
+    def dtype(self) -> torch.dtype:
+        return compute_dtype(next(iter(self.params.values())).dtype)
+
+
+class LinearUnit(Unit):
+    """``nn.Linear``: weight Σ_t b_t a_tᵀ, bias Σ_t b_t."""
+
+    def per_sample(self, call: Call, n: int) -> bool:
+        x = call.args[0]
+        return bool(x.dim() >= 1 and (x.shape[0] if x.dim() >= 2 else 1) == n)
+
+    def factors(
+        self, items: list[tuple[Call, list[torch.Tensor]]], rows: int, per_sample: bool
+    ) -> list[tuple[list[torch.Tensor], Factor]]:
+        dt = self.dtype()
+        module = self.module
+        assert isinstance(module, nn.Linear)
+        ra = rows if per_sample else 1
+        a = _cat([c.args[0].reshape(ra, -1, 1, module.in_features) for c, _ in items])
+        b = _cat([g[0].reshape(rows, -1, 1, module.out_features) for _, g in items])
+        return [_dense(self, a.to(dt), b.to(dt))]
+
+
+class ConvUnit(Unit):
+    """``nn.Conv1d``/``nn.Conv2d`` as a linear layer on unfolded patches, per group."""
+
+    @property
+    def spatial(self) -> int:
+        return 1 if isinstance(self.module, nn.Conv1d) else 2
+
+    def per_sample(self, call: Call, n: int) -> bool:
+        x = call.args[0]
+        return bool(x.dim() == self.spatial + 2 and x.shape[0] == n)
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """[images, C·k, L] in the weight's (channel, kernel) order."""
+        m = self.module
+        assert isinstance(m, nn.Conv1d | nn.Conv2d)
+        pad = [int(p) for p in m._reversed_padding_repeated_twice]
+        if any(pad):
+            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+            x = F.pad(x, pad, mode=mode)
+        if isinstance(m, nn.Conv1d):
+            x = x.unsqueeze(2)
+            kernel, dilation, stride = (1, m.kernel_size[0]), (1, m.dilation[0]), (1, m.stride[0])
+        else:
+            kernel, dilation, stride = m.kernel_size, m.dilation, m.stride  # type: ignore[assignment]
+        return F.unfold(x, kernel, dilation=dilation, padding=0, stride=stride)
+
+    def factors(
+        self, items: list[tuple[Call, list[torch.Tensor]]], rows: int, per_sample: bool
+    ) -> list[tuple[list[torch.Tensor], Factor]]:
+        dt = self.dtype()
+        m = self.module
+        assert isinstance(m, nn.Conv1d | nn.Conv2d)
+        groups, dout = m.groups, m.out_channels // m.groups
+        a_parts, b_parts = [], []
+        for call, grads in items:
+            x, g = call.args[0], grads[0]
+            if x.dim() == self.spatial + 1:  # an unbatched input: one image
+                x, g = x.unsqueeze(0), g.unsqueeze(0 if per_sample else 1)
+            cols = self.patches(x.to(dt))  # [images, C·k, L]
+            images, _, size = cols.shape
+            a = cols.view(images, groups, -1, size).permute(0, 3, 1, 2)  # [images, L, G, din]
+            if per_sample:  # views in the natural channel-major layout: no copies
+                a_parts.append(a)
+                b = g.to(dt).reshape(rows, groups, dout, size)
+                b_parts.append(b.permute(0, 3, 1, 2))
+            else:  # every source's gradient against the same images, as positions
+                a_parts.append(a.reshape(1, images * size, groups, -1))
+                b = g.to(dt).reshape(rows, images, groups, dout, size).permute(0, 1, 4, 2, 3)
+                b_parts.append(b.reshape(rows, images * size, groups, dout))
+        return [_dense(self, _cat(a_parts), _cat(b_parts))]
+
+
+class EmbeddingUnit(Unit):
+    """``nn.Embedding``: rows idx_t receive b_t."""
+
+    def per_sample(self, call: Call, n: int) -> bool:
+        x = call.args[0]
+        return bool(x.dim() >= 1 and x.shape[0] == n)
+
+    def factors(
+        self, items: list[tuple[Call, list[torch.Tensor]]], rows: int, per_sample: bool
+    ) -> list[tuple[list[torch.Tensor], Factor]]:
+        dt = self.dtype()
+        m = self.module
+        assert isinstance(m, nn.Embedding)
+        ra = rows if per_sample else 1
+        idx_parts, b_parts = [], []
+        for call, grads in items:
+            idx = call.args[0].reshape(ra, -1)
+            b = grads[0].reshape(rows, -1, m.embedding_dim).to(dt)
+            if m.padding_idx is not None:
+                b = b * (idx != m.padding_idx).unsqueeze(-1).to(dt)
+            if m.scale_grad_by_freq:
+                counts = torch.bincount(idx.reshape(-1), minlength=m.num_embeddings)
+                b = b / counts[idx].unsqueeze(-1).to(dt)
+            idx_parts.append(idx)
+            b_parts.append(b)
+        factor = EmbeddingRows(_cat(idx_parts), _cat(b_parts), m.weight.shape)
+        return [([m.weight], factor)]
+
+
+class NormUnit(Unit):
+    """Affine parameters of LayerNorm, RMSNorm, GroupNorm and BatchNorm: x̂ ⊙ b and b."""
+
+    def record(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Call | None:
+        call = super().record(args, kwargs, output)
+        m = self.module
+        if call is not None and isinstance(m, nn.modules.batchnorm._BatchNorm):
+            call.batch_stats = m.training or (m.running_mean is None and m.running_var is None)
+        return call
+
+    @property
+    def channel_first(self) -> bool:
+        return not isinstance(self.module, nn.LayerNorm | _rms_type())
+
+    def per_sample(self, call: Call, n: int) -> bool:
+        x = call.args[0]
+        if self.channel_first:
+            return bool(x.dim() >= 2 and x.shape[0] == n)
+        shape = tuple(getattr(self.module, "normalized_shape", ()))
+        return bool(x.dim() > len(shape) and x.shape[0] == n)
+
+    def normalised(self, call: Call, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        if isinstance(m, nn.LayerNorm):
+            return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+        if isinstance(m, nn.GroupNorm):
+            return F.group_norm(x, m.num_groups, None, None, m.eps)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if call.batch_stats:
+                return F.batch_norm(x, None, None, None, None, True, 0.0, m.eps)
+            return F.batch_norm(x, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
+        assert isinstance(m, _rms_type())
+        rms: Any = m
+        return F.rms_norm(x, list(rms.normalized_shape), None, rms.eps)
+
+    def factors(
+        self, items: list[tuple[Call, list[torch.Tensor]]], rows: int, per_sample: bool
+    ) -> list[tuple[list[torch.Tensor], Factor]]:
+        dt = self.dtype()
+        ra = rows if per_sample else 1
+        gw: torch.Tensor | None = None
+        gb: torch.Tensor | None = None
+        for call, outgrads in items:
+            x, g = call.args[0].to(dt), outgrads[0].to(dt)
+            xhat = self.normalised(call, x)
+            if self.channel_first:
+                channels, size = x.shape[1], _spatial(x)
+                xhat = xhat.reshape(ra, -1, channels, size)
+                g = g.reshape(rows, -1, channels, size)
+                w, b = (xhat * g).sum((1, 3)), g.sum((1, 3))
+            else:
+                shape = tuple(getattr(self.module, "normalized_shape", ()))
+                xhat = xhat.reshape(ra, -1, *shape)
+                g = g.reshape(rows, -1, *shape)
+                w, b = (xhat * g).sum(1), g.sum(1)
+            gw = w if gw is None else gw + w
+            gb = b if gb is None else gb + b
+        params: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        for name, value in (("weight", gw), ("bias", gb)):
+            if name in self.params and value is not None:
+                params.append(self.params[name])
+                grads.append(value)
+        return [(params, PerSample(grads, [p.shape for p in params]))] if params else []
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Calls of one layer side by side as positions (dim 1)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
+def _dense(unit: Unit, a: torch.Tensor, b: torch.Tensor) -> tuple[list[torch.Tensor], Factor]:
+    """The weight-and-bias factor of a linear or convolution unit."""
+    weight, bias = unit.params.get("weight"), unit.params.get("bias")
+    params = [p for p in (weight, bias) if p is not None]
+    shapes = (None if weight is None else weight.shape, None if bias is None else bias.shape)
+    return params, Dense2D(a, b, *shapes)
+
+
+def _spatial(t: torch.Tensor) -> int:
+    return math.prod(t.shape[2:]) if t.dim() > 2 else 1
+
+
+def _rms_type() -> type[nn.Module]:
+    return nn.RMSNorm if hasattr(nn, "RMSNorm") else type(None)  # type: ignore[return-value]
+
+
+class FunctionalUnit(Unit):
+    """Any other module: exact per-sample gradients of its parameters with ``torch.func``."""
+
+    replay: Callable[[bool], None] = staticmethod(lambda on: None)  # set by the Capture
+
+    def record(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Call | None:
+        leaves, _ = tree_flatten(output)
+        edges, where, shapes, dtypes = [], [], [], []
+        for j, leaf in enumerate(leaves):
+            if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+                edges.append(get_gradient_edge(leaf))
+                where.append(j)
+                shapes.append(tuple(leaf.shape))
+                dtypes.append(leaf.dtype)
+        if not edges:
+            return None
+        inputs, _ = tree_flatten((args, kwargs))
+        tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+        device = tensors[0].device.type if tensors else self.device_type()
+        return Call(
+            args=tuple(_detached(a) for a in args),
+            kwargs={k: _detached(v) for k, v in kwargs.items()},
+            edges=edges,
+            leaves=where,
+            out_shapes=shapes,
+            out_dtypes=dtypes,
+            versions=[(t, t._version) for t in tensors],
+            autocast=_autocast_state(device),
+        )
+
+    def device_type(self) -> str:
+        return next(iter(self.params.values())).device.type
+
+    def batch_dims(self, call: Call, n: int) -> tuple[list[int | None], list[int | None]] | None:
+        """Batch dimension of every flattened input and of every recorded output (None: not
+        per sample); None when the call cannot be mapped to samples."""
+        leaves, _ = tree_flatten((call.args, call.kwargs))
+        if isinstance(self.module, nn.MultiheadAttention):
+            return _mha_dims(self.module, call, n)
+        ins: list[int | None] = [
+            0 if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == n else None
+            for t in leaves
+        ]
+        if all(d is None for d in ins) or any(s[:1] != (n,) for s in call.out_shapes):
+            return None
+        return ins, [0] * len(call.out_shapes)
+
+    def per_sample(self, call: Call, n: int) -> bool:
+        return self.batch_dims(call, n) is not None
+
+    def grads(
+        self, call: Call, cotangents: list[torch.Tensor], rows: int, per_sample: bool
+    ) -> dict[str, torch.Tensor]:
+        """Per-row gradients [rows, *shape] of this module's parameters for one call."""
+        module = self.module
+        n = rows
+        leaves, spec = tree_flatten((call.args, call.kwargs))
+        dims = self.batch_dims(call, n) if per_sample else None
+        in_dims: list[int | None] = dims[0] if dims is not None else [None] * len(leaves)
+        out_dims: list[int | None] = dims[1] if dims is not None else [None] * len(call.leaves)
+        tensor_pos = [j for j, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
+        batched = [leaves[j] for j in tensor_pos]
+        batched_dims = [in_dims[j] for j in tensor_pos]
+        params = {name: p.detach() for name, p in self.params.items()}
+        device, enabled, dtype = call.autocast
+        wanted = call.leaves
+        cot_dims = out_dims if per_sample else [0] * len(cotangents)
+
+        def replay(autocast: bool) -> dict[str, torch.Tensor]:
+            """vmap over rows of vjp(functional_call); without autocast, floating inputs and
+            cotangents in the parameters' precision."""
+            precision = next(iter(params.values())).dtype
+            inputs = batched if autocast else [_floating(t, precision) for t in batched]
+            cots = cotangents if autocast else [_floating(t, precision) for t in cotangents]
+
+            def one(
+                tensors: list[torch.Tensor], row: list[torch.Tensor]
+            ) -> dict[str, torch.Tensor]:
+                full = list(leaves)
+                for j, t, d in zip(tensor_pos, tensors, batched_dims, strict=True):
+                    full[j] = t if d is None else t.unsqueeze(d)
+                args, kwargs = tree_unflatten(full, spec)
+
+                def forward(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+                    with torch.autocast(device, dtype=dtype, enabled=enabled and autocast):
+                        out = torch.func.functional_call(module, p, tuple(args), dict(kwargs))
+                    flat, _ = tree_flatten(out)
+                    picked = []
+                    for j, d in zip(wanted, out_dims, strict=True):
+                        picked.append(
+                            flat[j] if d is None or not per_sample else flat[j].squeeze(d)
+                        )
+                    return tuple(picked)
+
+                outputs, pullback = torch.func.vjp(forward, params)[:2]
+                matched = tuple(c.to(o.dtype) for c, o in zip(row, outputs, strict=True))
+                (grads,) = pullback(matched)
+                return grads  # type: ignore[no-any-return]
+
+            # no_grad: the outer autograd must not record the replay (torch.func's own
+            # transforms still differentiate inside); the batching-rule fallback warning of
+            # some kernels (e.g. CPU attention) only says the replay is slower.
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="There is a performance drop")
+                result = torch.func.vmap(one, in_dims=(batched_dims, cot_dims))(inputs, cots)
+            return dict(result)
+
+        self.replay(True)
+        try:
+            try:
+                return replay(autocast=True)
+            except Exception:
+                if not enabled:
+                    raise
+                # Some kernels do not combine autocast with vmap (seen on CUDA): replay in the
+                # parameters' precision, within the low-precision tolerance of the step itself.
+                return replay(autocast=False)
+        except Exception as error:  # vmap/functional_call failures of arbitrary user code
+            first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            raise EngineError(
+                f"cannot compute per-sample gradients of module {self.label} with torch.func "
+                f"(its forward is replayed per sample, so it must be deterministic — no dropout "
+                f"in training mode — and vmappable): {first}. Use mode='exact'"
+            ) from error
+        finally:
+            self.replay(False)
+
+    def factors(
+        self, items: list[tuple[Call, list[torch.Tensor]]], rows: int, per_sample: bool
+    ) -> list[tuple[list[torch.Tensor], Factor]]:
+        total: dict[str, torch.Tensor] = {}
+        for call, cots in items:
+            for name, g in self.grads(call, cots, rows, per_sample).items():
+                g = g.to(compute_dtype(g.dtype))
+                total[name] = g if name not in total else total[name] + g
+        params = [self.params[k] for k in total]
+        return [(params, PerSample(list(total.values()), [p.shape for p in params]))]
+
+
+def _floating(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype) if t.is_floating_point() else t
+
+
+def _detached(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    leaves, spec = tree_flatten(value)
+    if any(isinstance(t, torch.Tensor) for t in leaves):
+        return tree_unflatten([_detached(t) for t in leaves], spec)
+    return value
+
+
+def _mha_dims(
+    module: nn.MultiheadAttention, call: Call, n: int
+) -> tuple[list[int | None], list[int | None]] | None:
+    names = ["query", "key", "value", "key_padding_mask", "need_weights", "attn_mask"]
+    bound = dict(zip(names, call.args, strict=False))
+    bound.update(call.kwargs)
+    seq = 0 if module.batch_first else 1
+    dims: dict[str, int | None] = {}
+    for name in ("query", "key", "value"):
+        t = bound.get(name)
+        if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[seq] != n:
+            return None
+        dims[name] = seq
+    mask = bound.get("key_padding_mask")
+    if isinstance(mask, torch.Tensor):
+        if mask.dim() != 2 or mask.shape[0] != n:
+            return None
+        dims["key_padding_mask"] = 0
+    attn_mask = bound.get("attn_mask")
+    if isinstance(attn_mask, torch.Tensor) and attn_mask.dim() != 2:
+        return None  # a per-(sample, head) mask: take the per-source path
+    # Rebuild the flattened order of (args, kwargs) with these dims.
+    arg_dims: list[int | None] = []
+    for pos, value in enumerate(call.args):
+        name = names[pos] if pos < len(names) else ""
+        arg_dims.extend(_leaf_dims(value, dims.get(name)))
+    kw_dims: list[int | None] = []
+    for name, value in call.kwargs.items():
+        kw_dims.extend(_leaf_dims(value, dims.get(name)))
+    leaves, _ = tree_flatten((call.args, call.kwargs))
+    ins = arg_dims + kw_dims
+    if len(ins) != len(leaves):
+        return None
+    outs: list[int | None] = [seq if j == 0 else 0 for j in call.leaves]
+    for d, shape in zip(outs, call.out_shapes, strict=True):
+        if d is None or len(shape) <= d or shape[d] != n:
+            return None
+    return ins, outs
+
+
+def _leaf_dims(value: Any, dim: int | None) -> list[int | None]:
+    leaves, _ = tree_flatten(value)
+    return [dim if isinstance(leaf, torch.Tensor) else None for leaf in leaves]
+
+
+def _autocast_state(device: str) -> tuple[str, bool, torch.dtype]:
+    try:
+        return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+    except RuntimeError:  # a device type autocast does not know
+        return device, False, torch.float32
+
+
+def _unit_for(name: str, module: nn.Module, params: dict[str, torch.Tensor]) -> Unit:
+    """The factored unit for standard layers (their own forward, weight/bias), else the fallback."""
+    plain = set(params) <= {"weight", "bias"} and all(
+        getattr(module, k, None) is p for k, p in params.items()
+    )
+    kinds: list[tuple[type[nn.Module], type[Unit]]] = [
+        (nn.Linear, LinearUnit),
+        (nn.Conv1d, ConvUnit),
+        (nn.Conv2d, ConvUnit),
+        (nn.Embedding, EmbeddingUnit),
+        *((norm, NormUnit) for norm in _NORMS),
+    ]
+    if plain and not isinstance(module, nn.MultiheadAttention):
+        for base, kind in kinds:
+            if isinstance(module, base) and type(module).forward is base.forward:
+                if isinstance(module, nn.Embedding) and module.sparse:
+                    raise EngineError(
+                        f"module '{name}' is an Embedding with sparse=True: per-sample modes "
+                        "write dense gradients; use mode='exact'"
+                    )
+                return kind(name, module, params)
+    return FunctionalUnit(name, module, params)
+
+
+Entry = tuple[list[torch.Tensor], bool, Factor]  # parameters, per sample?, their factor
+
+
+@dataclass
+class Step:
+    """Everything measured in one step: factors of the shared layers, the other gradients."""
+
+    n: int
+    num_sources: int
+    present: torch.Tensor  # int64 [K'] present sources, in column order (CPU)
+    ids: torch.Tensor  # [N] source of each sample (on the losses' device)
+    counts: torch.Tensor  # [N] n_k of each sample's source (losses' dtype and device)
+    entries: list[Entry]
+    shared: list[torch.Tensor]  # shared parameters, in the engine's parameter order
+    others: list[tuple[torch.Tensor, torch.Tensor]]  # non-shared parameter, its gradient
+    device: torch.device
+    per_source_units: list[str]  # modules whose calls took the per-source path
+    tied: set[int] = field(default_factory=set)  # parameters in several entries
+    _coefficients: dict[tuple[torch.dtype, bool], torch.Tensor] = field(default_factory=dict)
+
+    _column: torch.Tensor | None = None
+
+    @property
+    def width(self) -> int:
+        return int(self.present.numel())
+
+    @property
+    def column(self) -> torch.Tensor:
+        """[N]: the column (index among the present sources) of each sample."""
+        if self._column is None:
+            if self.width == self.num_sources:
+                self._column = self.ids
+            else:
+                column_of = torch.full((self.num_sources,), -1, dtype=torch.int64)
+                column_of[self.present] = torch.arange(self.width)
+                self._column = column_of.to(self.device)[self.ids]
+        return self._column
+
+    def gram(self) -> torch.Tensor:
+        """Gram matrix of the present sources (float64, CPU) from the factors, exactly.
+
+        Per layer the cheaper exact route: the N×N kernel, accumulated over layers and reduced
+        once as Sᵀ M S (S the N×K' source indicator), or per-source sums of materialised
+        gradients. A parameter reached through several layers (tied) is summed per source.
+        """
+        width = self.width
+        by_sample: torch.Tensor | None = None
+        by_source: torch.Tensor | None = None
+        tied: dict[int, torch.Tensor] = {}
+        for params, per_sample, f in self.entries:
+            column = self.column if per_sample else torch.arange(width, device=self.device)
+            if self.tied and any(id(p) in self.tied for p in params):
+                flat = f.per_source(column, width).to(F64)
+                split = torch.split(flat, [p.numel() for p in params], 1)
+                for p, part in zip(params, split, strict=True):
+                    tied[id(p)] = part if id(p) not in tied else tied[id(p)] + part
+                continue
+            if f.kernel_cost() > f.source_cost(width):
+                value = f.source_gram(column, width).to(F64)
+                by_source = value if by_source is None else by_source + value
+            elif per_sample:
+                if by_sample is None:
+                    by_sample = torch.zeros(self.n, self.n, dtype=f.dtype, device=self.device)
+                f.add_kernel(by_sample)
+            else:
+                if by_source is None:
+                    by_source = torch.zeros(width, width, dtype=F64, device=self.device)
+                f.add_kernel(by_source)
+        parts = []
+        if tied:
+            flat = torch.cat(list(tied.values()), 1)
+            parts.append(flat @ flat.T)
+        if by_sample is not None:
+            indicator = self.indicator(by_sample.dtype)
+            parts.append((indicator.T @ by_sample @ indicator).to(F64))
+        if by_source is not None:
+            parts.append(by_source)
+        if not parts:
+            return torch.zeros(width, width, dtype=F64)
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part
+        return total.cpu()
+
+    def indicator(self, dtype: torch.dtype) -> torch.Tensor:
+        """S: [N, K'], S[i, c] = 1 where sample i belongs to the c-th present source."""
+        return F.one_hot(self.column, self.width).to(dtype)
+
+    def coefficients(
+        self, alpha: torch.Tensor, dtype: torch.dtype, per_sample: bool
+    ) -> torch.Tensor:
+        """α per sample ([N]) or per present source ([K']) in ``dtype`` on the device."""
+        key = (dtype, per_sample)
+        if key not in self._coefficients:
+            if per_sample:
+                value = alpha.to(device=self.device, dtype=dtype)[self.ids]
+            else:
+                value = alpha[self.present].to(device=self.device, dtype=dtype)
+            self._coefficients[key] = value
+        return self._coefficients[key]
+
+    def assemble(self, coefficients: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Σ_k α_k g_k per shared parameter reached this step, by id."""
+        self._coefficients = {}
+        out: dict[int, torch.Tensor] = {}
+        for params, per_sample, f in self.entries:
+            values = f.combine(self.coefficients(coefficients, f.dtype, per_sample))
+            for p, v in zip(params, values, strict=True):
+                key = id(p)
+                out[key] = v if key not in out else out[key] + v
+        return out
+
+    def combine(self, coefficients: torch.Tensor) -> None:
+        """Accumulate Σ_k α_k g_k into shared ``.grad``, Σ_k g_k into the others'."""
+        values = self.assemble(coefficients)
+        for param in self.shared:
+            value = values.get(id(param))
+            if value is not None:
+                _add_grad(param, value.to(param.dtype))
+        for param, grad in self.others:
+            accumulate(param, grad)
+
+    def dots(self, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """<g_k, v> for every source (float64 [K+1] on CPU); ``vectors`` follow ``shared``."""
+        by_id = {id(p): v.to(self.device) for p, v in zip(self.shared, vectors, strict=True)}
+        total = torch.zeros(self.width, dtype=F64, device=self.device)
+        for params, per_sample, f in self.entries:
+            d = f.dots([by_id[id(p)] for p in params]).to(F64)
+            if per_sample:
+                total.index_add_(0, self.column, d)
+            else:
+                total += d
+        out = torch.zeros(self.num_sources, dtype=F64)
+        out[self.present] = total.cpu()
+        return out
+
+    def source_gradient(self, k: int) -> list[torch.Tensor]:
+        """Source k's gradient on each shared parameter (zeros where it does not reach)."""
+        onehot = torch.zeros(self.num_sources, dtype=F64)
+        onehot[k] = 1.0
+        values = self.assemble(onehot)
+        return [
+            values[id(p)].to(p.dtype) if id(p) in values else torch.zeros_like(p)
+            for p in self.shared
+        ]
+
+
+def _add_grad(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Accumulate a freshly computed tensor into ``.grad`` (no copy when it is the first)."""
+    if param.grad is None:
+        param.grad = value  # computed from detached factors: needs no detach
+    else:
+        param.grad.add_(value)
+
+
+def statistics(
+    present: torch.Tensor, gram: torch.Tensor, losses: torch.Tensor | None, needs: frozenset[Need]
+) -> Statistics:
+    """Like :func:`~auxilia.engine.exact.gradient_statistics` (absent rows and columns 0), with
+    no scatter when every source is present and only the requested statistics formed."""
+    if gram.shape[0] == present.shape[0]:
+        full = gram
+    else:
+        idx = present.nonzero().squeeze(1)
+        full = torch.zeros(present.shape[0], present.shape[0], dtype=F64)
+        full[idx.unsqueeze(1), idx.unsqueeze(0)] = gram
+    return Statistics(
+        present=present,
+        losses=losses if Need.LOSSES in needs else None,
+        target_row=full[0].clone() if Need.TARGET_ROW in needs else None,
+        gram=full if Need.GRAM in needs else None,
+        norms=full.diagonal().clamp_min(0).sqrt() if Need.NORMS in needs else None,
+    )
+
+
+def losses_statistic(batch: SourceLosses) -> torch.Tensor:
+    """Detached float64 mean loss per source (0 where absent), as ``exact`` reports them."""
+    return batch.values()
+
+
+class Capture:
+    """Hooks on a model's layers and the one backward pass that turns them into factors."""
+
+    def __init__(self, context: ModeContext, mode: str) -> None:
+        if context.module is None:
+            raise EngineError(
+                f"engine mode '{mode}' hooks the model's layers: pass the nn.Module itself"
+            )
+        if context.layout != "partitioned":
+            raise EngineError(f"engine mode '{mode}' works on the partitioned layout only")
+        self.mode = mode
+        self.module = context.module
+        params = list(context.params)
+        param_ids = {id(p) for p in params}
+        shared_ids = (
+            param_ids if context.shared is None else {id(p) for p in context.shared} & param_ids
+        )
+        self.shared = [p for p in params if id(p) in shared_ids]
+        self.others = [p for p in params if id(p) not in shared_ids]
+        self.names = {id(p): n for n, p in self.module.named_parameters(remove_duplicate=False)}
+        self.units: list[Unit] = []
+        inside_opaque: list[str] = []
+        for name, module in self.module.named_modules():
+            if any(name.startswith(prefix + ".") for prefix in inside_opaque):
+                continue
+            if isinstance(module, nn.MultiheadAttention):
+                inside_opaque.append(name)
+                owned = dict(module.named_parameters())
+            else:
+                owned = dict(module.named_parameters(recurse=False))
+            mine: dict[str, torch.Tensor] = {k: p for k, p in owned.items() if id(p) in shared_ids}
+            if mine:
+                unit = _unit_for(name, module, mine)
+                if isinstance(unit, FunctionalUnit):
+                    unit.replay = self._set_replay
+                self.units.append(unit)
+        covered = {id(p) for u in self.units for p in u.params.values()}
+        for p in self.shared:
+            if id(p) not in covered:
+                raise EngineError(
+                    f"engine mode '{mode}': a shared parameter of shape {tuple(p.shape)} does "
+                    "not belong to the module given to the Engine"
+                )
+        self.replaying = False
+        self.coupled: set[str] = set()
+        self.autocast_seen = False
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        for unit in self.units:
+            self.handles.append(
+                unit.module.register_forward_hook(self._hook(unit), with_kwargs=True, prepend=True)
+            )
+        for name, module in self.module.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                self.handles.append(module.register_forward_hook(self._guard(name)))
+
+    # ---- hooks --------------------------------------------------------------------------
+
+    def _set_replay(self, on: bool) -> None:
+        self.replaying = on
+
+    def _hook(self, unit: Unit) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            if self.replaying or not torch.is_grad_enabled():
+                return
+            call = unit.record(tuple(args), dict(kwargs), output)
+            if call is not None:
+                unit.calls.append(call)
+                if call.autocast[1]:
+                    self.autocast_seen = True
+
+        return hook
+
+    def _guard(self, name: str) -> Callable[..., None]:
+        def guard(module: nn.Module, args: Any, output: Any) -> None:
+            if self.replaying or not torch.is_grad_enabled():
+                return
+            assert isinstance(module, nn.modules.batchnorm._BatchNorm)
+            batch_stats = module.training or (
+                module.running_mean is None and module.running_var is None
+            )
+            x = args[0] if args else None
+            if batch_stats and isinstance(x, torch.Tensor) and x.requires_grad:
+                self.coupled.add(f"'{name}' ({type(module).__name__})")
+
+        return guard
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.clear()
+
+    def clear(self) -> None:
+        for unit in self.units:
+            unit.calls = []
+        self.coupled = set()
+
+    @property
+    def pending(self) -> int:
+        """Calls recorded since the last step (0 after evaluation under no_grad)."""
+        return sum(len(u.calls) for u in self.units)
+
+    def signature(self, n: int) -> tuple[Any, ...]:
+        """The step's call pattern: which units were called, on what shapes, how mapped."""
+        pattern = []
+        for unit in self.units:
+            for call in unit.calls:
+                first = call.args[0] if call.args else None
+                shape = tuple(first.shape) if isinstance(first, torch.Tensor) else ()
+                pattern.append((unit.name, shape, unit.per_sample(call, n)))
+        return tuple(pattern)
+
+    def precision(self) -> float:
+        """Relative tolerance of the check against ``exact`` for this model's precision."""
+        if self.autocast_seen:
+            return 5e-2
+        dtypes = {p.dtype for p in self.shared}
+        if dtypes == {torch.float64}:
+            return 1e-6
+        if not dtypes <= {torch.float32, torch.float64}:
+            return 5e-2
+        tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
+        if tf32 and any(p.is_cuda for p in self.shared):
+            return 1e-2  # exact's convolutions may run in TF32 (cuDNN's default)
+        return 1e-3
+
+    # ---- one step -----------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Raise (dropping the recorded calls) if this step's calls cannot be measured: samples
+        coupled by batch statistics, or an input changed in place since its call."""
+        coupled = self.coupled
+        if coupled:
+            self.clear()
+            raise EngineError(
+                f"engine mode '{self.mode}': {', '.join(sorted(coupled))} normalises with batch "
+                "statistics, which couples the samples of a batch, so per-source gradients "
+                "cannot be separated per sample. Put it in eval mode, use GroupNorm/LayerNorm, "
+                "or use mode='exact'"
+            )
+        for unit in self.units:
+            for call in unit.calls:
+                for tensor, version in call.versions:
+                    if tensor._version != version:
+                        self.clear()
+                        raise EngineError(
+                            f"the input of module {unit.label} was modified in place after the "
+                            f"call; engine mode '{self.mode}' needs it as it was"
+                        )
+
+    def collect(self, batch: SourceLosses) -> Step:
+        """Take the recorded calls and run the backward pass(es); the graph is freed.
+
+        Call :meth:`check` first.
+        """
+        calls = [(u, u.calls) for u in self.units]
+        self.clear()
+        losses = batch.losses
+        if not losses.requires_grad:
+            raise EngineError("the losses do not require grad: compute them with grad enabled")
+        n, device = int(losses.shape[0]), losses.device
+        counts = batch.counts
+        present = counts.nonzero().squeeze(1)
+        width = int(present.numel())
+        ids = batch.ids.to(device)
+        sample_counts = counts.to(device=device, dtype=losses.dtype)[ids]
+        weights = sample_counts.reciprocal()
+
+        sample_calls: list[tuple[Unit, Call]] = []
+        source_calls: list[tuple[Unit, Call]] = []
+        for unit, unit_calls in calls:
+            for call in unit_calls:
+                (sample_calls if unit.per_sample(call, n) else source_calls).append((unit, call))
+        # Shared parameters of modules not called this step must not receive a gradient.
+        reached = {id(p) for u, c in calls if c for p in u.params.values()}
+        silent = list({id(p): p for u, c in calls if not c for p in u.params.values()}.values())
+        silent = [p for p in silent if id(p) not in reached]
+
+        # Per-source path: each present source's gradient of the outputs, one batched backward.
+        per_source: list[list[torch.Tensor | None]] = []
+        if source_calls:
+            edges = [e for _, c in source_calls for e in c.edges]
+            rows = torch.zeros(batch.num_sources, n, dtype=losses.dtype, device=device)
+            rows[ids, torch.arange(n, device=device)] = weights
+            rows = rows[present.to(device)]
+            grads = _batched_grad(losses, edges, rows)
+            it = iter(grads)
+            per_source = [[next(it) for _ in c.edges] for _, c in source_calls]
+
+        # The one backward: per-sample output gradients, the others' parameter gradients.
+        edges = [e for _, c in sample_calls for e in c.edges]
+        inputs: list[torch.Tensor | GradientEdge] = [*edges, *silent, *self.others]
+        results: Sequence[torch.Tensor | None] = []
+        if inputs:
+            results = torch.autograd.grad(
+                losses,
+                cast(Any, inputs),
+                grad_outputs=weights,
+                allow_unused=True,
+                retain_graph=False,
+            )
+        it_results = iter(results)
+        per_sample = [[next(it_results) for _ in c.edges] for _, c in sample_calls]
+        for p in silent:
+            if next(it_results) is not None:
+                owner = self.names.get(id(p), "?")
+                raise EngineError(
+                    f"shared parameter '{owner}' received a gradient although its module was "
+                    f"not called with gradients enabled since the last step: either the forward "
+                    f"ran before the Engine was created, or the parameter is used outside its "
+                    f"module's forward, which engine mode '{self.mode}' cannot see (then use "
+                    f"mode='exact')"
+                )
+        others = [(p, g) for p, g in zip(self.others, it_results, strict=True) if g is not None]
+
+        entries: list[Entry] = []
+        per_source_units: list[str] = []
+        for is_sample, group, grads_of in (
+            (True, sample_calls, per_sample),
+            (False, source_calls, per_source),
+        ):
+            by_unit: dict[int, tuple[Unit, list[tuple[Call, list[torch.Tensor]]]]] = {}
+            for (unit, call), grads in zip(group, grads_of, strict=True):
+                if all(g is None for g in grads):
+                    continue  # the output does not reach the losses
+                lead = () if is_sample else (width,)
+                filled = [
+                    torch.zeros((*lead, *shape), dtype=dtype, device=device) if g is None else g
+                    for g, shape, dtype in zip(grads, call.out_shapes, call.out_dtypes, strict=True)
+                ]
+                by_unit.setdefault(id(unit), (unit, []))[1].append((call, filled))
+            if not is_sample:
+                per_source_units = [unit.label for unit, _ in by_unit.values()]
+            for unit, items in by_unit.values():
+                rows_count = n if is_sample else width
+                for params, factor in unit.factors(items, rows_count, is_sample):
+                    entries.append((params, is_sample, factor))
+        seen: set[int] = set()
+        tied: set[int] = set()
+        for params, _, _ in entries:
+            for param in params:
+                (tied if id(param) in seen else seen).add(id(param))
+        return Step(
+            n=n,
+            num_sources=batch.num_sources,
+            present=present,
+            ids=ids,
+            counts=sample_counts,
+            entries=entries,
+            shared=self.shared,
+            others=others,
+            device=device,
+            per_source_units=per_source_units,
+            tied=tied,
+        )
+
+
+def _batched_grad(
+    losses: torch.Tensor, edges: list[GradientEdge], rows: torch.Tensor
+) -> list[torch.Tensor | None]:
+    """d(rows[c] · losses)/d(edge) for every row c, batched; a loop if batching fails."""
+    try:
+        out = torch.autograd.grad(
+            losses,
+            edges,
+            grad_outputs=rows,
+            is_grads_batched=True,
+            retain_graph=True,
+            allow_unused=True,
+        )
+        return list(out)
+    except RuntimeError:
+        per_row = [
+            torch.autograd.grad(losses, edges, grad_outputs=r, retain_graph=True, allow_unused=True)
+            for r in rows
+        ]
+        stacked: list[torch.Tensor | None] = []
+        for j in range(len(edges)):
+            parts = [g[j] for g in per_row]
+            if all(p is None for p in parts):
+                stacked.append(None)
+                continue
+            ref = next(p for p in parts if p is not None)
+            stacked.append(torch.stack([torch.zeros_like(ref) if p is None else p for p in parts]))
+        return stacked
+
+
+class Verifier:
+    """Checks the factored Gram matrix against ``exact`` on the first steps of new call patterns."""
+
+    LIMIT = 3  # call patterns checked at most (variable shapes would otherwise check forever)
+
+    def __init__(self, capture: Capture, context: ModeContext, enabled: bool) -> None:
+        self.capture = capture
+        self.context = context
+        self.enabled = enabled
+        self.seen: set[tuple[Any, ...]] = set()
+
+    def reference(self, batch: SourceLosses) -> torch.Tensor | None:
+        """The exact Gram matrix of the present sources when this step is to be checked.
+
+        Must run before :meth:`Capture.collect`, which frees the graph.
+        """
+        if not self.enabled or len(self.seen) >= self.LIMIT or not batch.losses.requires_grad:
+            return None
+        pattern = self.capture.signature(int(batch.losses.shape[0]))
+        if pattern in self.seen:
+            return None
+        self.seen.add(pattern)
+        exact = measure_exact(batch, self.context.params, self.context.shared, _GRAM)
+        gram = exact.statistics.require(Need.GRAM)
+        idx = batch.present.nonzero().squeeze(1)
+        return gram[idx.unsqueeze(1), idx.unsqueeze(0)]
+
+    def check(self, gram: torch.Tensor, reference: torch.Tensor) -> None:
+        scale = float(reference.diagonal().abs().max()) if reference.numel() else 0.0
+        error = float((gram - reference).abs().max()) if reference.numel() else 0.0
+        tolerance = self.capture.precision()
+        if error > tolerance * scale + 1e-30:
+            raise EngineError(
+                f"engine mode '{self.capture.mode}' disagrees with 'exact' on this model (largest "
+                f"Gram difference {error / max(scale, 1e-300):.2e} of its scale, tolerance "
+                f"{tolerance:.0e}). Samples interact inside the model, a layer sees the samples "
+                "in another order than the losses, or a shared parameter is used outside its "
+                "module (e.g. a tied weight read through F.linear). Use mode='exact'"
+            )

@@ -1,0 +1,398 @@
+"""Per-row gradients of a layer's parameters in factored form: what ``ghost`` and ``sketch`` use.
+
+A *factor* holds the gradients G_r of one layer's parameters (weight and bias together) for R
+rows without forming them. Rows are the step's samples (each gradient already carries 1/n_k of
+its source's mean, so the rows of a source sum to g_k) or, on the per-source path, the present
+sources themselves. Each factor can
+
+* ``add_kernel(out)``: add the R×R matrix <G_r, G_s> (the "ghost" kernel) to ``out``;
+* ``per_source(column, width)``: Σ_{r: column[r] = c} G_r for every column c, materialised;
+* ``combine(c)``: Σ_r c_r G_r, the weighted gradient (``Bᵀ diag(c) A`` for a linear layer);
+* ``dots(v)``: <G_r, v> for every row;
+* ``project(p)``: every row's gradient through per-parameter (Kronecker) projections.
+
+Three kinds cover every layer: :class:`Dense2D` (weight Σ_t b_t a_tᵀ and bias Σ_t b_t: linear
+and convolution layers, with groups), :class:`EmbeddingRows` (rows idx_t of a table receive b_t)
+and :class:`PerSample` (gradients materialised per row: norm affines, the ``torch.func``
+fallback). A bias shares its layer's kernel: (a_r·a_s + 1)(b_r·b_s) covers weight and bias.
+Costs are estimated in multiply-adds so callers can pick the cheaper exact route per layer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+F64 = torch.float64
+BLOCK = 1 << 24  # elements: the largest intermediate a factor forms in one piece
+# Cost model, in multiply-adds: writing an element of a large intermediate costs about as much
+# as this many multiply-adds (memory-bound), and every route has a fixed launch overhead.
+MEMORY = 20.0
+OVERHEAD = 5e4
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A seeded projection of one parameter's gradient to ``dim`` coordinates.
+
+    ``identity``: the gradient itself. ``dense``: a plain projection of the flattened gradient
+    (1-D parameters). Otherwise a Kronecker projection of the parameter seen as a matrix
+    [shape[0], rest], ``rows`` ⊗ ``cols`` (None: identity on that side), of which the first
+    ``dim`` coordinates are kept, times ``scale``.
+    """
+
+    dim: int
+    identity: bool = False
+    rows: torch.Tensor | None = None
+    cols: torch.Tensor | None = None
+    dense: torch.Tensor | None = None
+    scale: float = 1.0
+
+    def keep(self, per_row: torch.Tensor) -> torch.Tensor:
+        """Keep ``dim`` coordinates of [R, u, v] Kronecker outputs and scale them."""
+        flat = per_row.reshape(per_row.shape[0], -1)
+        if flat.shape[1] != self.dim:
+            flat = flat[:, : self.dim]
+        return flat * self.scale if self.scale != 1.0 else flat
+
+    def vector(self, g: torch.Tensor) -> torch.Tensor:
+        """Project materialised gradients [R, *shape] of one parameter."""
+        rows = g.shape[0]
+        if self.identity:
+            return g.reshape(rows, -1)
+        if self.dense is not None:
+            return g.reshape(rows, -1) @ self.dense.T
+        matrix = g.reshape(rows, g.shape[1] if g.dim() > 1 else 1, -1)
+        if self.rows is not None:
+            matrix = torch.einsum("ur,nrc->nuc", self.rows, matrix)
+        if self.cols is not None:
+            matrix = matrix @ self.cols.T
+        return self.keep(matrix)
+
+
+def add_into(out: torch.Tensor, value: torch.Tensor) -> None:
+    """out += value, converting the (small) value when the dtypes differ."""
+    out += value if value.dtype == out.dtype else value.to(out.dtype)
+
+
+class Factor:
+    """Per-row gradients of one layer's parameters (``shapes``, in order); kept factored."""
+
+    rows: int
+    shapes: list[torch.Size]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(s) for s in self.shapes)
+
+    def add_kernel(self, out: torch.Tensor) -> None:
+        """out[r, s] += <G_r, G_s>."""
+        raise NotImplementedError
+
+    def kernel_cost(self) -> float:
+        raise NotImplementedError
+
+    def per_source(self, column: torch.Tensor, width: int) -> torch.Tensor:
+        """[width, numel] (parameters concatenated, flattened): rows summed per column."""
+        raise NotImplementedError
+
+    def source_cost(self, width: int) -> float:
+        return OVERHEAD + 2 * MEMORY * self.rows * self.numel + width * width * self.numel
+
+    def source_gram(self, column: torch.Tensor, width: int) -> torch.Tensor:
+        """[width, width] Gram of the per-column sums."""
+        flat = self.per_source(column, width)
+        return flat @ flat.T
+
+    def combine(self, c: torch.Tensor) -> list[torch.Tensor]:
+        """Σ_r c_r G_r per parameter (``c`` in this factor's dtype)."""
+        raise NotImplementedError
+
+    def dots(self, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """[R]: <G_r, v>, v given per parameter."""
+        raise NotImplementedError
+
+    def project(self, projections: Sequence[Projection]) -> list[torch.Tensor]:
+        """[R, p.dim] per parameter: every row's gradient projected."""
+        raise NotImplementedError
+
+
+class Dense2D(Factor):
+    """Weight G_r = Σ_t B[r,t,g] A[r,t,g]ᵀ per group g, bias Σ_t B[r,t]: linear and conv layers.
+
+    A: [Ra, T, G, din] (Ra = R, or 1 when every row shares the inputs: the per-source path);
+    B: [R, T, G, dout]. The weight, seen as a matrix, is [G·dout, din].
+    """
+
+    def __init__(
+        self, a: torch.Tensor, b: torch.Tensor, weight: torch.Size | None, bias: torch.Size | None
+    ) -> None:
+        self.a, self.b = a, b
+        self.weight, self.bias = weight, bias
+        self.shapes = [s for s in (weight, bias) if s is not None]
+        self.rows, self.positions, self.groups, self.dout = b.shape
+        self.din = a.shape[3]
+        self.dtype = b.dtype
+        self.shared = a.shape[0] == 1 and self.rows > 1
+        self.simple = self.positions == 1 and self.groups == 1 and not self.shared
+        self._weight_cache: torch.Tensor | None = None  # per-row weight gradients, if formed
+
+    def _flat(self, t: torch.Tensor) -> torch.Tensor:
+        """[G, rows·T, d] (rows-major, then positions)."""
+        return t.permute(2, 0, 1, 3).reshape(t.shape[2], -1, t.shape[3])
+
+    def _input_kernel(self, a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        """<a_r, a_s> (+ 1 for the bias; 0 without a weight)."""
+        other = a if b is None else b
+        if self.weight is None:
+            return torch.ones(a.shape[:-1] + other.shape[-2:-1], dtype=a.dtype, device=a.device)
+        k = a @ other.mT
+        return k + 1 if self.bias is not None else k
+
+    def add_kernel(self, out: torch.Tensor) -> None:
+        if self.simple:
+            a, b = self.a.reshape(self.rows, self.din), self.b.reshape(self.rows, self.dout)
+            ka, kb = self._input_kernel(a), b @ b.T
+            if out.dtype == ka.dtype:
+                out.addcmul_(ka, kb)
+            else:
+                add_into(out, ka * kb)
+            return
+        rows, positions, groups = self.rows, self.positions, self.groups
+        b2, a2 = self._flat(self.b), self._flat(self.a)  # [G, R·T, dout], [G, Ra·T, din]
+        shape = (groups, -1, positions, rows, positions)
+        ka_all = (
+            self._input_kernel(a2).view(groups, 1, positions, 1, positions) if self.shared else None
+        )
+        step = max(1, BLOCK // max(1, groups * positions * positions * rows))
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            part = slice(start * positions, stop * positions)
+            kb = (b2[:, part] @ b2.mT).view(shape)
+            ka = ka_all if ka_all is not None else self._input_kernel(a2[:, part], a2).view(shape)
+            add_into(out[start:stop], (kb * ka).sum((0, 2, 4)))
+
+    def kernel_cost(self) -> float:
+        n = float(self.rows * self.positions)
+        return self.groups * n * n * (self.din + self.dout + 1 + 2 * MEMORY)
+
+    def _weight_rows(self, start: int, stop: int) -> torch.Tensor:
+        if self._weight_cache is not None:
+            return self._weight_cache[start:stop]
+        b = self.b[start:stop].permute(0, 2, 3, 1)  # [r, G, dout, T]
+        a = self.a[0:1] if self.a.shape[0] == 1 else self.a[start:stop]
+        g = torch.matmul(b, a.permute(0, 2, 1, 3)).reshape(stop - start, -1)  # [r, G·dout·din]
+        if start == 0 and stop == self.rows:
+            self._weight_cache = g  # formed whole: combine reuses it
+        return g
+
+    def _bias_rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.b[start:stop].sum(1).reshape(stop - start, -1)
+
+    def _rows(self, start: int, stop: int) -> torch.Tensor:
+        parts = []
+        if self.weight is not None:
+            parts.append(self._weight_rows(start, stop))
+        if self.bias is not None:
+            parts.append(self._bias_rows(start, stop))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+    def per_source(self, column: torch.Tensor, width: int) -> torch.Tensor:
+        numel = self.numel
+        out = torch.zeros(width, numel, dtype=self.dtype, device=self.b.device)
+        step = max(1, BLOCK // max(1, numel))
+        for start in range(0, self.rows, step):
+            stop = min(self.rows, start + step)
+            out.index_add_(0, column[start:stop], self._rows(start, stop))
+        return out
+
+    def source_cost(self, width: int) -> float:
+        return (
+            OVERHEAD
+            + self.rows * self.positions * self.groups * self.din * self.dout
+            + 2 * MEMORY * self.rows * self.numel
+            + width * width * self.numel
+        )
+
+    def combine(self, c: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        if self.simple:
+            b = self.b.view(self.rows, self.dout)
+            if self.weight is not None:
+                out.append(((b.T * c) @ self.a.view(self.rows, self.din)).reshape(self.weight))
+            if self.bias is not None:
+                out.append((c @ b).reshape(self.bias))
+            return out
+        bc = self.b * c.view(-1, 1, 1, 1)
+        if self.weight is not None:
+            if self._weight_cache is not None:
+                g = c @ self._weight_cache
+            elif self.shared:
+                g = torch.einsum("tgo,tgi->goi", bc.sum(0), self.a[0])
+            elif self.groups == 1 and self.b.is_contiguous() and self.a.is_contiguous():
+                g = bc.reshape(-1, self.dout).T @ self.a.reshape(-1, self.din)
+            else:
+                g = torch.einsum("rtgo,rtgi->goi", bc, self.a)
+            out.append(g.reshape(self.weight))
+        if self.bias is not None:
+            out.append(bc.sum((0, 1)).reshape(self.bias))
+        return out
+
+    def dots(self, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+        total = torch.zeros(self.rows, dtype=self.dtype, device=self.b.device)
+        it = iter(vectors)
+        if self.weight is not None:
+            w = next(it).to(self.dtype).reshape(self.groups, self.dout, self.din)
+            av = torch.einsum("rtgi,goi->rtgo", self.a, w)
+            total = total + (av * self.b).sum((1, 2, 3))
+        if self.bias is not None:
+            v = next(it).to(self.dtype).reshape(-1)
+            total = total + self._bias_rows(0, self.rows) @ v
+        return total
+
+    def project(self, projections: Sequence[Projection]) -> list[torch.Tensor]:
+        out = []
+        it = iter(projections)
+        if self.weight is not None:
+            out.append(self._project_weight(next(it)))
+        if self.bias is not None:
+            out.append(next(it).vector(self._bias_rows(0, self.rows)))
+        return out
+
+    def _project_weight(self, p: Projection) -> torch.Tensor:
+        if p.identity:
+            return self._weight_rows(0, self.rows)
+        a = self.a.expand(self.rows, -1, -1, -1) if self.shared else self.a
+        pa = a if p.cols is None else a @ p.cols.T  # [R, T, G, v]
+        if p.rows is None:  # u runs over (g, o)
+            return p.keep(torch.einsum("rtgo,rtgv->rgov", self.b, pa))
+        pr = p.rows.view(-1, self.groups, self.dout)
+        pb = torch.einsum("rtgo,ugo->rtgu", self.b, pr)
+        return p.keep(torch.einsum("rtgu,rtgv->ruv", pb, pa))
+
+
+class EmbeddingRows(Factor):
+    """G_r = Σ_t e_{idx[r,t]} B[r,t]ᵀ: an embedding table [V, D] read at ``idx``.
+
+    idx: [Ra, T] (Ra = R or 1); B: [R, T, D] (positions to ignore already zeroed).
+    """
+
+    def __init__(self, idx: torch.Tensor, b: torch.Tensor, shape: torch.Size) -> None:
+        self.idx, self.b = idx, b
+        self.shapes = [shape]
+        self.rows, self.positions, self.width_d = b.shape
+        self.vocab = shape[0]
+        self.dtype = b.dtype
+
+    def _full_idx(self) -> torch.Tensor:
+        return self.idx.expand(self.rows, self.positions)
+
+    def add_kernel(self, out: torch.Tensor) -> None:
+        rows, positions = self.rows, self.positions
+        b2 = self.b.reshape(rows * positions, -1)
+        i2 = self._full_idx().reshape(-1)
+        step = max(1, BLOCK // max(1, positions * positions * rows))
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            part = slice(start * positions, stop * positions)
+            same = (i2[part, None] == i2[None, :]).to(self.dtype)
+            prod = (b2[part] @ b2.T) * same
+            add_into(
+                out[start:stop], prod.view(stop - start, positions, rows, positions).sum((1, 3))
+            )
+
+    def kernel_cost(self) -> float:
+        n = float(self.rows * self.positions)
+        return n * n * (self.width_d + 1 + 2 * MEMORY)
+
+    def _flat_index(self, column: torch.Tensor, size: int, idx: torch.Tensor) -> torch.Tensor:
+        return (column.view(-1, 1) * size + idx).reshape(-1)
+
+    def per_source(self, column: torch.Tensor, width: int) -> torch.Tensor:
+        out = torch.zeros(width * self.vocab, self.width_d, dtype=self.dtype, device=self.b.device)
+        flat = self._flat_index(column, self.vocab, self._full_idx())
+        out.index_add_(0, flat, self.b.reshape(-1, self.width_d))
+        return out.view(width, -1)
+
+    def source_cost(self, width: int) -> float:
+        unique = min(self.vocab, self.idx.numel())
+        return (
+            OVERHEAD
+            + 2 * MEMORY * self.rows * self.positions * self.width_d
+            + width * width * unique * self.width_d
+        )
+
+    def source_gram(self, column: torch.Tensor, width: int) -> torch.Tensor:
+        """Only the rows of the table this step reads: width² · unique · D."""
+        uniq, inverse = torch.unique(self.idx, return_inverse=True)
+        size = int(uniq.numel())
+        out = torch.zeros(width * size, self.width_d, dtype=self.dtype, device=self.b.device)
+        flat = self._flat_index(column, size, inverse.expand(self.rows, self.positions))
+        out.index_add_(0, flat, self.b.reshape(-1, self.width_d))
+        flat_out = out.view(width, -1)
+        return flat_out @ flat_out.T
+
+    def combine(self, c: torch.Tensor) -> list[torch.Tensor]:
+        out = torch.zeros(self.shapes[0], dtype=self.dtype, device=self.b.device)
+        values = (self.b * c.view(-1, 1, 1)).reshape(-1, self.width_d)
+        return [out.index_add_(0, self._full_idx().reshape(-1), values)]
+
+    def dots(self, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+        return (vectors[0].to(self.dtype)[self.idx] * self.b).sum((1, 2))
+
+    def project(self, projections: Sequence[Projection]) -> list[torch.Tensor]:
+        p = projections[0]
+        if p.identity:
+            return [self.per_source(torch.arange(self.rows, device=self.b.device), self.rows)]
+        idx = self._full_idx()
+        if p.rows is None:
+            pr = torch.nn.functional.one_hot(idx, self.vocab).to(self.dtype)
+        else:
+            pr = p.rows.T[idx]  # [R, T, u]
+        pb = self.b if p.cols is None else self.b @ p.cols.T
+        return [p.keep(torch.einsum("rtu,rtv->ruv", pr, pb))]
+
+
+class PerSample(Factor):
+    """Gradients materialised per row: norm affines, the ``torch.func`` fallback."""
+
+    def __init__(self, grads: Sequence[torch.Tensor], shapes: Sequence[torch.Size]) -> None:
+        self.rows = int(grads[0].shape[0])
+        flat = [g.reshape(self.rows, -1) for g in grads]
+        self.g = flat[0] if len(flat) == 1 else torch.cat(flat, 1)
+        self.shapes = list(shapes)
+        self.sizes = [math.prod(s) for s in shapes]
+        self.dtype = self.g.dtype
+
+    def add_kernel(self, out: torch.Tensor) -> None:
+        if out.dtype == self.dtype:
+            out.addmm_(self.g, self.g.T)
+        else:
+            add_into(out, self.g @ self.g.T)
+
+    def kernel_cost(self) -> float:
+        return float(self.rows * self.rows * self.numel + MEMORY * self.rows * self.rows)
+
+    def per_source(self, column: torch.Tensor, width: int) -> torch.Tensor:
+        out = torch.zeros(width, self.numel, dtype=self.dtype, device=self.g.device)
+        return out.index_add_(0, column, self.g)
+
+    def combine(self, c: torch.Tensor) -> list[torch.Tensor]:
+        total = c @ self.g
+        parts = torch.split(total, self.sizes)
+        return [t.reshape(s) for t, s in zip(parts, self.shapes, strict=True)]
+
+    def dots(self, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+        v = torch.cat([x.to(self.dtype).reshape(-1) for x in vectors])
+        return self.g @ v
+
+    def project(self, projections: Sequence[Projection]) -> list[torch.Tensor]:
+        parts = torch.split(self.g, self.sizes, 1)
+        return [
+            p.vector(g.reshape(self.rows, *s))
+            for p, g, s in zip(projections, parts, self.shapes, strict=True)
+        ]

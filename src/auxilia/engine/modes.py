@@ -1,0 +1,58 @@
+"""The registry of engine modes, and how ``mode="auto"`` chooses one."""
+
+from __future__ import annotations
+
+from auxilia.engine.batched import BATCHED
+from auxilia.engine.exact import EXACT
+from auxilia.engine.ghost import GHOST
+from auxilia.engine.jvp import JVP
+from auxilia.engine.mode import Layout, Mode
+from auxilia.engine.sketch import SKETCH
+from auxilia.errors import EngineError
+from auxilia.statistics import Need
+
+MODES: dict[str, Mode] = {mode.name: mode for mode in (EXACT, JVP, BATCHED, GHOST, SKETCH)}
+
+# Fastest first; ``exact`` is last because it is always possible and always slowest.
+PREFERENCE: dict[Layout, tuple[str, ...]] = {
+    "partitioned": ("ghost", "exact"),
+    "shared-input": ("jvp", "batched", "exact"),
+}
+
+
+def _why_not(mode: Mode, layout: Layout, needs: frozenset[Need], has_module: bool) -> str | None:
+    if layout not in mode.layouts:
+        return f"it works on the {' and '.join(sorted(mode.layouts))} layout, not {layout}"
+    missing = needs - mode.provides
+    if missing:
+        names = ", ".join(sorted(n.value for n in missing))
+        return f"it cannot compute {names}"
+    if mode.requires_module and not has_module:
+        return "it hooks the model's layers: pass the nn.Module itself, not its parameters"
+    return None
+
+
+def resolve_mode(
+    name: str | Mode, layout: Layout, needs: frozenset[Need], has_module: bool
+) -> Mode:
+    """The mode called ``name`` (or given as a :class:`Mode`, e.g. ``sketch(dim=64)``), checked
+    against the layout and needs; for ``auto`` the fastest that fits."""
+    if isinstance(name, Mode):
+        reason = _why_not(name, layout, needs, has_module)
+        if reason is not None:
+            raise EngineError(f"engine mode '{name.name}' cannot be used here: {reason}")
+        return name
+    if name == "auto":
+        for candidate in PREFERENCE[layout]:
+            mode = MODES.get(candidate)
+            if mode is not None and _why_not(mode, layout, needs, has_module) is None:
+                return mode
+        raise EngineError(f"no engine mode can compute {sorted(n.value for n in needs)}")
+    if name not in MODES:
+        known = ", ".join(["auto", *MODES])
+        raise EngineError(f"unknown engine mode '{name}'; expected one of: {known}")
+    mode = MODES[name]
+    reason = _why_not(mode, layout, needs, has_module)
+    if reason is not None:
+        raise EngineError(f"engine mode '{name}' cannot be used here: {reason}")
+    return mode

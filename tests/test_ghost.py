@@ -1,0 +1,543 @@
+"""``ghost`` against ``exact``: statistics and ``.grad`` on random MLPs, CNNs and an encoder block.
+
+Tolerances: 1e-5 relative error (to the largest entry) in float64 (observed ~1e-14); under
+``torch.autocast("cpu", dtype=torch.bfloat16)`` with float32 parameters 2e-2 (observed at most
+1.5e-3 on the statistics and 5e-3 on ``.grad``: exact's bf16 weight gradients round, ghost
+forms its factors in float32).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn import functional as F
+
+from auxilia import strategies
+from auxilia.engine import Engine, resolve_mode
+from auxilia.engine.ghost import GhostRunner
+from auxilia.engine.mode import ModeContext
+from auxilia.errors import EngineError
+from auxilia.statistics import Need
+from per_sample_models import (
+    CNN,
+    F64,
+    MLP,
+    ConvSpec,
+    Encoder,
+    cnn_batch,
+    compare,
+    encoder_batch,
+    mlp_batch,
+    randomise,
+    relative_error,
+    run,
+)
+
+TOL = 1e-5
+BF16_TOL = 2e-2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny float64 kernels: one thread avoids OpenMP stalls on a loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@st.composite
+def assignments(draw: st.DrawFn, max_n: int = 9) -> tuple[int, list[int]]:
+    """(K+1, source of each sample): random K, some sources possibly absent."""
+    num = draw(st.integers(2, 6))
+    ids = draw(st.lists(st.integers(0, num - 1), min_size=1, max_size=max_n))
+    return num, ids
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    problem=assignments(),
+    sizes=st.lists(st.integers(1, 6), min_size=2, max_size=4),
+    biases=st.lists(st.booleans(), min_size=3, max_size=3),
+    heads=st.sampled_from([(0, "gather"), (2, "gather"), (3, "subset")]),
+    trunk_only=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_mlp_matches_exact(
+    problem: tuple[int, list[int]],
+    sizes: list[int],
+    biases: list[bool],
+    heads: tuple[int, str],
+    trunk_only: bool,
+    seed: int,
+) -> None:
+    num, ids = problem
+    batch = mlp_batch(len(ids), sizes[0], ids, seed)
+
+    def make() -> MLP:
+        return MLP(sizes, biases, heads=heads[0], head_mode=heads[1], seed=seed)
+
+    def shared(model: nn.Module) -> list[torch.Tensor]:
+        assert isinstance(model, MLP)
+        return list(model.layers.parameters())
+
+    compare(
+        make,
+        lambda m: m.losses(batch),  # type: ignore[operator]
+        batch[2],
+        num,
+        shared=shared if trunk_only else None,
+        tol=TOL,
+    )
+
+
+@st.composite
+def conv_specs(draw: st.DrawFn) -> ConvSpec:
+    dims = draw(st.sampled_from([1, 2]))
+    groups = draw(st.sampled_from([1, 2]))
+    stride = draw(st.sampled_from([1, 2]))
+    padding = draw(st.sampled_from([0, 1, "valid"] + (["same"] if stride == 1 else [])))
+    mode = (
+        "zeros"
+        if padding in (0, "valid")
+        else draw(st.sampled_from(["zeros", "reflect", "circular", "replicate"]))
+    )
+    return ConvSpec(
+        dims=dims,
+        channels=2 * groups,
+        out=2 * groups,
+        kernel=draw(st.sampled_from([1, 2, 3])),
+        stride=stride,
+        padding=padding,
+        padding_mode=mode,
+        dilation=draw(st.sampled_from([1, 2])),
+        groups=groups,
+        bias=draw(st.booleans()),
+        norm=draw(st.sampled_from(["none", "group", "batch-eval"])),
+        size=draw(st.integers(5, 7)),
+    )
+
+
+@settings(max_examples=30, deadline=None)
+@given(problem=assignments(max_n=6), spec=conv_specs(), seed=st.integers(0, 2**16))
+def test_cnn_matches_exact(problem: tuple[int, list[int]], spec: ConvSpec, seed: int) -> None:
+    num, ids = problem
+    batch = cnn_batch(spec, ids, seed)
+    compare(lambda: CNN(spec, seed), lambda m: m.losses(batch), batch[2], num, tol=TOL)  # type: ignore[operator]
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    problem=assignments(max_n=5),
+    length=st.integers(2, 5),
+    batch_first=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_encoder_block_matches_exact(
+    problem: tuple[int, list[int]], length: int, batch_first: bool, seed: int
+) -> None:
+    """Attention (torch.func fallback), layer norms, embeddings with a padding index, a raw
+    positional parameter (fallback through the root module), linear layers on sequences."""
+    num, ids = problem
+    batch = encoder_batch(11, length, ids, seed)
+    compare(
+        lambda: Encoder(11, 4, 2, batch_first, seed),
+        lambda m: m.losses(batch),  # type: ignore[operator]
+        batch[-1],
+        num,
+        tol=TOL,
+    )
+
+
+# --------------------------------------------------------------------------- situations
+
+
+IDS = torch.tensor([0, 1, 2, 1, 0, 2, 2, 1])
+
+
+def test_frozen_parameters() -> None:
+    def make() -> MLP:
+        model = MLP([4, 5, 5, 3], [True, True, True], seed=1)
+        model.layers[1].requires_grad_(False)  # a frozen layer in the middle
+        assert model.layers[0].bias is not None
+        model.layers[0].bias.requires_grad_(False)  # and a frozen bias
+        return model
+
+    batch = mlp_batch(8, 4, IDS.tolist(), 1)
+    got, _ = compare(make, lambda m: m.losses(batch), IDS, 3)  # type: ignore[operator]
+    assert got.grads[1] is None  # the frozen bias got nothing
+    assert got.grads[2] is None
+    assert got.grads[3] is None
+
+
+class Branches(nn.Module):
+    """A shared layer only source-1 samples reach (on all rows, masked) and one applied to the
+    rows of source 2 only (a subset: the per-source path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Linear(3, 4)
+        self.only_one = nn.Linear(4, 1)
+        self.only_two = nn.Linear(4, 1)
+        self.head = nn.Linear(4, 1)
+        self.to(F64)
+        randomise(self, 3)
+
+    def losses(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.trunk(x))
+        out = torch.where(ids == 1, self.only_one(h).squeeze(1), self.head(h).squeeze(1))
+        rows = (ids == 2).nonzero().squeeze(1)
+        out = out.index_put((rows,), self.only_two(h[rows]).squeeze(1))
+        return out**2
+
+
+@pytest.mark.parametrize("ids", [IDS, torch.tensor([0, 0, 2, 2, 0, 0, 0, 0])])
+def test_parameters_some_sources_never_reach(ids: torch.Tensor) -> None:
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    compare(Branches, lambda m: m.losses(x, ids), ids, 3)  # type: ignore[operator]
+
+
+def test_heads_per_source_and_shared_heads() -> None:
+    batch = mlp_batch(8, 3, IDS.tolist(), 5)
+    for mode in ("gather", "subset"):
+        for shared in (None, lambda m: m.layers.parameters()):
+            compare(
+                lambda mode=mode: MLP([3, 4], [True], heads=3, head_mode=mode, seed=5),
+                lambda m: m.losses(batch),  # type: ignore[operator]
+                IDS,
+                3,
+                shared=shared,
+            )
+
+
+def test_gradient_accumulation_over_micro_batches() -> None:
+    """Two micro-batches, two Engine steps, gradients accumulating in ``.grad``."""
+    model = MLP([3, 4, 2], [True, False], seed=9)
+    reference = copy.deepcopy(model)
+    halves = [mlp_batch(4, 3, IDS[:4].tolist(), 1), mlp_batch(4, 3, IDS[4:].tolist(), 2)]
+    grads = []
+    for m, mode in ((model, "ghost"), (reference, "exact")):
+        engine = Engine(m, strategy=strategies.gcs(), num_sources=3, mode=mode)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.grad = torch.full_like(p, 0.25)
+        for batch in halves:
+            engine.backward(m.losses(batch), batch[2])
+        grads.append([p.grad for p in m.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert relative_error(a, b) <= TOL
+
+
+def test_layer_reused_and_output_modified_in_place() -> None:
+    """A layer called twice per step (summed as positions) and ReLU(inplace) on its output."""
+
+    class Reuse(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.to(F64)
+            randomise(self, 4)
+
+        def losses(self, x: torch.Tensor) -> torch.Tensor:
+            h = F.relu(self.lin(x), inplace=True)
+            return (self.lin(h) ** 2).sum(1)
+
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
+    compare(Reuse, lambda m: m.losses(x), IDS, 3)  # type: ignore[operator]
+
+
+def test_tied_embedding_and_output_weights() -> None:
+    """One parameter in two layers (an embedding and the output projection)."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(7, 4)
+            self.proj = nn.Linear(4, 7, bias=False)
+            self.proj.weight = self.embed.weight
+            self.to(F64)
+            randomise(self, 6)
+
+        def losses(self, tokens: torch.Tensor) -> torch.Tensor:
+            logits = self.proj(torch.tanh(self.embed(tokens))).mean(1)
+            return F.cross_entropy(logits, tokens[:, 0], reduction="none")
+
+    tokens = torch.randint(0, 7, (8, 3), generator=torch.Generator().manual_seed(2))
+    compare(Tied, lambda m: m.losses(tokens), IDS, 3)  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("strategy", ["bloop", "auxilearn"])
+def test_target_ema_and_validation_strategies(strategy: str) -> None:
+    """Strategies that need the target-gradient EMA (dots, source_gradient) or held-out
+    validation losses (an extra source) give the same coefficients and gradients."""
+    batch = mlp_batch(10, 3, [0, 1, 2, 1, 0, 2, 1, 0, 0, 0], 8)
+    outcomes = []
+    for mode in ("ghost", "exact"):
+        model = MLP([3, 4, 2], [True, True], seed=8)
+        engine = Engine(model, strategy=strategies.get(strategy), num_sources=3, mode=mode)
+        alphas = []
+        for _ in range(3):
+            losses = model.losses(batch)
+            if strategy == "auxilearn":
+                alphas.append(engine.backward(losses[:8], batch[2][:8], validation=losses[8:]))
+            else:
+                alphas.append(engine.backward(losses, batch[2]))
+        outcomes.append((alphas, [p.grad for p in model.parameters()]))
+    for a, b in zip(outcomes[0][0], outcomes[1][0], strict=True):
+        assert relative_error(a, b) <= TOL
+    for a, b in zip(outcomes[0][1], outcomes[1][1], strict=True):
+        assert relative_error(a, b) <= TOL  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("which", ["mlp", "cnn", "encoder"])
+def test_bfloat16_autocast_on_cpu(which: str) -> None:
+    ids = torch.tensor([0, 1, 2, 1, 0, 2, 2, 1, 0, 0])
+    spec = ConvSpec(2, 4, 8, 3, 1, 1, "zeros", 1, 2, True, "group", 6)
+    makers = {
+        "mlp": (lambda: MLP([5, 16, 16], [True, True], seed=0), mlp_batch(10, 5, ids.tolist(), 0)),
+        "cnn": (lambda: CNN(spec, 0), cnn_batch(spec, ids.tolist(), 0)),
+        "encoder": (lambda: Encoder(11, 8, 2, True, 0), encoder_batch(11, 5, ids.tolist(), 0)),
+    }
+    make, batch64 = makers[which]
+    batch = tuple(t.float() if t.is_floating_point() else t for t in batch64)
+
+    def losses(model: nn.Module) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model.losses(batch).float()  # type: ignore[operator]
+
+    compare(lambda: make().float(), losses, ids, 3, tol=BF16_TOL)
+
+
+def test_auto_prefers_ghost_with_a_module() -> None:
+    needs = frozenset({Need.GRAM})
+    assert resolve_mode("auto", "partitioned", needs, has_module=True).name == "ghost"
+    assert resolve_mode("auto", "partitioned", needs, has_module=False).name == "exact"
+    engine = Engine(nn.Linear(2, 1), strategy=strategies.gcs(), num_sources=2)
+    assert engine.mode.name == "ghost"
+    engine.close()
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+def test_hooks_removed_by_close_and_idle_under_no_grad() -> None:
+    model = MLP([3, 4, 2], [True, True], seed=0)
+    engine = Engine(model, strategy=strategies.gcs(), num_sources=3, mode="ghost")
+    runner = engine.runner
+    assert isinstance(runner, GhostRunner)
+    assert all(len(layer._forward_hooks) == 1 for layer in model.layers)
+    batch = mlp_batch(6, 3, [0, 1, 2, 0, 1, 2], 0)
+    with torch.no_grad():
+        model.losses(batch)
+    with torch.inference_mode():
+        model.losses(batch)
+    assert runner.capture.pending == 0  # evaluation records nothing
+    model.losses(batch)
+    assert runner.capture.pending == 2
+    engine.backward(model.losses(batch), batch[2])  # takes only the calls it uses
+    assert runner.capture.pending == 0
+    engine.close()
+    assert all(len(m._forward_hooks) == 0 for m in model.modules())
+    model.losses(batch)
+    assert runner.capture.pending == 0
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _engine(model: nn.Module, mode: str = "ghost", **kwargs: object) -> Engine:
+    return Engine(model, strategy=strategies.gcs(), num_sources=3, mode=mode, **kwargs)  # type: ignore[arg-type]
+
+
+def test_error_needs_the_module() -> None:
+    with pytest.raises(EngineError, match=r"pass the nn\.Module itself"):
+        Engine(nn.Linear(2, 1).parameters(), strategy=strategies.gcs(), num_sources=2, mode="ghost")
+
+
+def test_error_batch_norm_in_training_mode() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).to(F64)
+    engine = _engine(model)
+    x = torch.randn(6, 3, dtype=F64)
+    with pytest.raises(EngineError, match=r"'1' \(BatchNorm1d\).*batch statistics"):
+        engine.backward(model(x).squeeze(1) ** 2, IDS[:6])
+    model.eval()  # running statistics: fine, and factored
+    model[1].running_var.fill_(2.0)
+    compare(lambda: model, lambda m: m(x).squeeze(1) ** 2, IDS[:6], 3)
+
+
+def test_error_input_modified_in_place() -> None:
+    class Clobber(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = x * 1.0
+            out = self.lin(h)
+            h.mul_(2.0)  # the linear layer's input, after the call
+            return out.squeeze(1) + h.sum(1)
+
+    model = Clobber().to(F64)
+    engine = _engine(model)
+    with pytest.raises(
+        EngineError, match=r"input of module 'lin' \(Linear\) was modified in place"
+    ):
+        engine.backward(model(torch.randn(6, 3, dtype=F64)) ** 2, IDS[:6])
+
+
+def test_error_parameter_used_outside_its_module() -> None:
+    class Outside(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, self.lin.weight).squeeze(1)  # lin itself is never called
+
+    model = Outside().to(F64)
+    engine = _engine(model)
+    with pytest.raises(EngineError, match=r"'lin.weight' received a gradient"):
+        engine.backward(model(torch.randn(6, 3, dtype=F64)) ** 2, IDS[:6])
+
+
+def test_error_disagreement_caught_by_verification() -> None:
+    """A tied weight read through F.linear while its module is also called: invisible to the
+    hooks, caught by the first step's check against exact."""
+
+    class Sneaky(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(torch.tanh(self.lin(x)), self.lin.weight).sum(1)
+
+    model = Sneaky().to(F64)
+    engine = _engine(model)
+    with pytest.raises(EngineError, match="disagrees with 'exact'"):
+        engine.backward(model(torch.randn(6, 3, dtype=F64)) ** 2, IDS[:6])
+
+
+def test_error_fallback_module_with_dropout_in_training() -> None:
+    class Noisy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(3, dtype=F64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.dropout(x * self.scale, 0.5, training=self.training)
+
+    model = nn.Sequential(Noisy(), nn.Linear(3, 1)).to(F64)
+    engine = _engine(model)
+    with pytest.raises(EngineError, match=r"module '0' \(Noisy\) with torch.func.*deterministic"):
+        engine.backward(model(torch.randn(6, 3, dtype=F64)).squeeze(1) ** 2, IDS[:6])
+    model.eval()  # deterministic: the fallback works
+    x = torch.randn(6, 3, dtype=F64)
+    compare(lambda: model, lambda m: m(x).squeeze(1) ** 2, IDS[:6], 3)
+
+
+def test_error_sparse_embedding() -> None:
+    with pytest.raises(EngineError, match="sparse=True"):
+        _engine(nn.Embedding(5, 2, sparse=True))
+
+
+def test_error_shared_input_layout() -> None:
+    with pytest.raises(EngineError, match="partitioned layout"):
+        _engine(nn.Linear(2, 1), layout="shared-input")
+
+
+def test_verification_can_be_turned_off() -> None:
+    model = MLP([3, 2], [True], seed=0)
+    runner = GhostRunner(ModeContext(model, list(model.parameters()), None, "partitioned"))
+    assert runner.verifier.enabled
+    quiet = GhostRunner(
+        ModeContext(model, list(model.parameters()), None, "partitioned"), verify=False
+    )
+    assert not quiet.verifier.enabled
+    runner.close()
+    quiet.close()
+
+
+def test_outcome_helper_sees_untouched_parameters() -> None:
+    """A shared parameter that no present source reaches keeps ``.grad`` None, like exact."""
+    model = MLP([3, 2], [True], heads=3, head_mode="subset", seed=2)
+    batch = mlp_batch(4, 3, [0, 0, 1, 1], 2)
+    out = run(model, lambda m: m.losses(batch), batch[2], 3, "ghost")  # type: ignore[operator]
+    head_two = list(model.heads[2].parameters())
+    index = [i for i, p in enumerate(model.parameters()) if any(p is q for q in head_two)]
+    assert all(out.grads[i] is None for i in index)
+
+
+class Mixed(nn.Module):
+    """Every factored layer kind, run on two subsets of the rows: the per-source path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(6, 3, padding_idx=1)
+        self.conv = nn.Conv1d(3, 4, 2, groups=1)
+        self.gn = nn.GroupNorm(2, 4)
+        self.ln = nn.LayerNorm(4)
+        self.lin = nn.Linear(4, 1)
+        self.to(F64)
+        randomise(self, 11)
+
+    def part(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.gn(self.conv(self.embed(tokens).transpose(1, 2)))  # [n, 4, T-1]
+        return self.lin(self.ln(h.transpose(1, 2))).sum((1, 2))
+
+    def losses(self, tokens: torch.Tensor, split: bool) -> torch.Tensor:
+        if not split:
+            return self.part(tokens) ** 2
+        return torch.cat([self.part(tokens[:3]), self.part(tokens[3:])]) ** 2
+
+
+@pytest.mark.parametrize("route", ["kernel", "source", "cost"])
+@pytest.mark.parametrize("split", [False, True])
+def test_every_layer_kind_on_both_routes(
+    route: str, split: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The N×N kernel and the per-source sums give the same Gram, per sample or per source."""
+    from auxilia.engine import factors
+
+    if route != "cost":
+        cheap, dear = (
+            ("kernel_cost", "source_cost") if route == "kernel" else ("source_cost", "kernel_cost")
+        )
+        for kind in (factors.Dense2D, factors.EmbeddingRows, factors.PerSample):
+            monkeypatch.setattr(kind, cheap, lambda self, *a: 0.0)
+            monkeypatch.setattr(kind, dear, lambda self, *a: 1.0)
+    tokens = torch.randint(0, 6, (8, 4), generator=torch.Generator().manual_seed(3))
+    compare(Mixed, lambda m: m.losses(tokens, split), IDS, 3)  # type: ignore[operator]
+    spec = ConvSpec(2, 4, 4, 3, 2, 1, "reflect", 1, 2, True, "group", 6)
+    batch = cnn_batch(spec, IDS.tolist(), 4)
+    compare(lambda: CNN(spec, 4), lambda m: m.losses(batch), IDS, 3)  # type: ignore[operator]
+    enc = encoder_batch(11, 4, IDS.tolist(), 5)
+    compare(lambda: Encoder(11, 4, 2, True, 5), lambda m: m.losses(enc), IDS, 3)  # type: ignore[operator]
+
+
+def test_embedding_options_rms_norm_and_batch_norm_on_data() -> None:
+    """scale_grad_by_freq with a padding index, RMSNorm, and BatchNorm in training mode on an
+    input that needs no gradient (its batch statistics are then just data)."""
+
+    class Options(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(5, 3, scale_grad_by_freq=True, padding_idx=2)
+            self.rms = nn.RMSNorm(3)
+            self.bn = nn.BatchNorm1d(3)
+            self.lin = nn.Linear(3, 1)
+            self.to(F64)
+            randomise(self, 1)
+
+        def losses(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            return (self.lin(self.rms(self.embed(tokens))).sum((1, 2)) + self.bn(x).sum(1)) ** 2
+
+    tokens = torch.randint(0, 5, (8, 4), generator=torch.Generator().manual_seed(0))
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
+    compare(Options, lambda m: m.losses(tokens, x), IDS, 3)  # type: ignore[operator]
