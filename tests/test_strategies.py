@@ -380,7 +380,18 @@ def test_gcs_absent_sources_get_zero(grads: torch.Tensor, data: st.DataObject) -
 
 
 def test_registry_names() -> None:
-    assert strategies.names() == ["arml", "equal", "fixed", "gcs", "olaux", "target-only"]
+    assert strategies.names() == sorted(CATALOGUE)
+    for name in CATALOGUE:
+        params = {"weights": [1.0, 1.0]} if name == "fixed" else None
+        assert strategies.get(name, params).name == name
+
+
+# Every strategy the README's table lists; issue 4's catalogue.
+CATALOGUE = [
+    "target-only", "equal", "fixed", "gcs", "olaux", "arml", "tawt", "pcgrad-aux", "bloop",
+    "auxilearn", "auxinash", "mgda", "uncertainty", "dwa", "gradnorm", "pcgrad", "cagrad",
+    "nash-mtl", "auto",
+]
 
 
 @pytest.mark.parametrize(

@@ -11,12 +11,25 @@ from typing import Any
 
 from auxilia.registry import build
 from auxilia.strategies.arml import arml
+from auxilia.strategies.auto import auto
+from auxilia.strategies.auxilearn import auxilearn
+from auxilia.strategies.auxinash import auxinash
 from auxilia.strategies.base import State, Strategy, stateless
+from auxilia.strategies.bloop import bloop
+from auxilia.strategies.cagrad import cagrad
+from auxilia.strategies.dwa import dwa
 from auxilia.strategies.equal import equal
 from auxilia.strategies.fixed import fixed
 from auxilia.strategies.gcs import gcs
+from auxilia.strategies.gradnorm import gradnorm
+from auxilia.strategies.mgda import mgda
+from auxilia.strategies.nash_mtl import nash_mtl
 from auxilia.strategies.olaux import olaux
+from auxilia.strategies.pcgrad import pcgrad
+from auxilia.strategies.pcgrad_aux import pcgrad_aux
 from auxilia.strategies.target_only import target_only
+from auxilia.strategies.tawt import tawt
+from auxilia.strategies.uncertainty import uncertainty
 
 REGISTRY: dict[str, Callable[..., Strategy]] = {
     "target-only": target_only,
@@ -25,6 +38,19 @@ REGISTRY: dict[str, Callable[..., Strategy]] = {
     "gcs": gcs,
     "olaux": olaux,
     "arml": arml,
+    "bloop": bloop,
+    "auxilearn": auxilearn,
+    "auxinash": auxinash,
+    "auto": auto,
+    "tawt": tawt,
+    "pcgrad-aux": pcgrad_aux,
+    "uncertainty": uncertainty,
+    "dwa": dwa,
+    "gradnorm": gradnorm,
+    "pcgrad": pcgrad,
+    "mgda": mgda,
+    "cagrad": cagrad,
+    "nash-mtl": nash_mtl,
 }
 
 
@@ -43,12 +69,25 @@ __all__ = [
     "State",
     "Strategy",
     "arml",
+    "auto",
+    "auxilearn",
+    "auxinash",
+    "bloop",
+    "cagrad",
+    "dwa",
     "equal",
     "fixed",
     "gcs",
     "get",
+    "gradnorm",
+    "mgda",
     "names",
+    "nash_mtl",
     "olaux",
+    "pcgrad",
+    "pcgrad_aux",
     "stateless",
     "target_only",
+    "tawt",
+    "uncertainty",
 ]
