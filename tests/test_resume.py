@@ -35,6 +35,13 @@ CASES = {
         "strategy": {"name": "olaux", "params": {"horizon": 3}},
         "sampler": {"name": "uniform", "params": {"per_step": 1}},
     },
+    # held-out target batches (their own index stream) and a meta step inside the window
+    "auxinash-holdout": {
+        "strategy": {"name": "auxinash", "params": {"update_every": 3}},
+        "sampler": {"name": "all"},
+    },
+    # the engine's EMA of the target gradient is part of the checkpoint
+    "bloop-ema": {"strategy": {"name": "bloop"}, "sampler": {"name": "all"}},
 }
 
 

@@ -101,9 +101,9 @@ def test_uniform_is_uniform_and_seed_dependent() -> None:
 
 
 def test_sampler_registry_errors() -> None:
-    assert samplers.names() == ["all", "uniform"]
-    with pytest.raises(StrategyError, match="unknown sampler 'exp3'") as info:
-        samplers.get("exp3")
+    assert samplers.names() == ["all", "exp3", "proportional", "ucb1", "uniform"]
+    with pytest.raises(StrategyError, match="unknown sampler 'thompson'") as info:
+        samplers.get("thompson")
     assert "all" in str(info.value)
     assert "uniform" in str(info.value)
     with pytest.raises(StrategyError, match="'k'") as info:

@@ -11,11 +11,19 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from auxilia import samplers, strategies
 from auxilia.data.files import load_array_file
 from auxilia.data.sources import Pair, Source, Target
+from auxilia.engine import MODES
 from auxilia.errors import AuxiliaError, ConfigError, DataError
 from auxilia.train import Trainer, TrainSettings
 
@@ -113,7 +121,16 @@ class TrainConfig(_Strict):
     seed: int = 0
     device: str = "cpu"
     eval_batch_size: int = Field(default=1024, ge=1)
-    engine_mode: Literal["exact"] = "exact"
+    engine_mode: str = "auto"
+    holdout: float = Field(default=0.1, gt=0, lt=1)
+
+    @field_validator("engine_mode")
+    @classmethod
+    def _known_mode(cls, value: str) -> str:
+        known = ["auto", *MODES]
+        if value not in known:
+            raise ValueError(f"unknown engine mode '{value}'; expected one of: {', '.join(known)}")
+        return value
 
 
 class RunConfig(_Strict):

@@ -56,14 +56,18 @@ class Ledger:
     def flush_interval(self) -> dict[str, dict[str, float | None]]:
         """Means (coefficient, loss) and sums (credit) since the last flush, then reset them."""
         drawn = self.interval["drawn"]
+        index = drawn.nonzero().squeeze(1)
+        names = [self.names[k] for k in index.tolist()]
+        counts = drawn[index]
 
         def per_source(values: torch.Tensor, mean: bool) -> dict[str, float | None]:
-            out: dict[str, float | None] = {}
-            for k, name in enumerate(self.names):
-                if drawn[k] == 0 or math.isnan(float(values[k])):
-                    out[name] = None
-                else:
-                    out[name] = float(values[k] / drawn[k]) if mean else float(values[k])
+            # None for every source, then the drawn ones: Python work grows with the sources
+            # drawn in the interval, not with all of them.
+            numbers = (values[index] / counts if mean else values[index]).tolist()
+            out: dict[str, float | None] = dict.fromkeys(self.names)
+            out.update(
+                (n, None if math.isnan(x) else x) for n, x in zip(names, numbers, strict=True)
+            )
             return out
 
         record = {

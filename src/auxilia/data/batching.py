@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from auxilia.data.sources import Source, Target
+from auxilia.errors import DataError
 
 StreamState = dict[str, torch.Tensor]
 
@@ -86,9 +88,9 @@ class BatchPlanner:
         xs = [self.target.train[0][rows]]
         segments = [Segment(0, self.head_names[0], slice(0, len(rows)), self.target.train[1][rows])]
         start = len(rows)
-        for k, source in enumerate(self.sources, start=1):
-            if not bool(drawn[k]):
-                continue
+        # Only the drawn sources, in source order: the cost grows with the draw, not with K.
+        for k in drawn[1:].nonzero().squeeze(1).add(1).tolist():
+            source = self.sources[k - 1]
             if source.granularity == "task":
                 segments.append(Segment(k, self.head_names[k], slice(0, len(rows)), source.y[rows]))
                 continue
@@ -101,9 +103,36 @@ class BatchPlanner:
             start += len(picked)
         return Batch(torch.cat(xs), segments)
 
-    def state_dict(self) -> dict[str, StreamState]:
-        return {str(k): stream.state_dict() for k, stream in self.streams.items()}
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every stream's state packed into four tensors (not four per source), so that a
+        checkpoint of a run with thousands of sources stays quick to write."""
+        streams = list(self.streams.values())
+        return {
+            "streams": torch.tensor(list(self.streams), dtype=torch.int64),
+            "rng": torch.stack([s.generator.get_state() for s in streams]),
+            "order": torch.cat([s.order for s in streams]),
+            "position": torch.tensor([s.position for s in streams], dtype=torch.int64),
+        }
 
-    def load_state_dict(self, state: dict[str, StreamState]) -> None:
-        for k, stream in self.streams.items():
-            stream.load_state_dict(state[str(k)])
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (or the older one dict per stream, keyed "k")."""
+        if "streams" not in state:
+            for k, stream in self.streams.items():
+                stream.load_state_dict(state[str(k)])
+            return
+        keys = [int(k) for k in state["streams"].tolist()]
+        if keys != list(self.streams):
+            raise DataError(
+                f"batch planner state has {len(keys)} streams that differ from this run's "
+                f"{len(self.streams)}"
+            )
+        sizes = [self.streams[k].size for k in keys]
+        orders = torch.split(state["order"], sizes)
+        for i, k in enumerate(keys):
+            self.streams[k].load_state_dict(
+                {
+                    "rng": state["rng"][i].clone(),  # a view would crash set_state
+                    "order": orders[i],
+                    "position": state["position"][i],
+                }
+            )

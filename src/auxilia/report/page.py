@@ -22,8 +22,8 @@ img { display: block; max-width: 100%; margin-bottom: 1.5em; }
 """
 
 
-def _num(value: float, spec: str = ".3f") -> str:
-    return format(value, spec)
+def _num(value: float | None, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _row(*cells: str) -> str:

@@ -90,7 +90,7 @@ def credit_png(sources: Sequence[SourceResult]) -> bytes:
         if not sources:
             _placeholder(axes, title, "no sources")
             return
-        credits = [s.credit for s in sources]
+        credits = [0.0 if s.credit is None else s.credit for s in sources]
         colors = [_POSITIVE if c > 0 else _NEGATIVE if c < 0 else _NEUTRAL for c in credits]
         positions = range(len(sources))
         axes.barh(positions, credits, color=colors)

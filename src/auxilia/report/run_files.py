@@ -20,9 +20,9 @@ class SourceResult:
     name: str
     granularity: str
     head: str
-    mean_coefficient: float
-    final_coefficient: float
-    credit: float
+    mean_coefficient: float | None  # None: never drawn
+    final_coefficient: float | None
+    credit: float | None  # None: not measured (no target row)
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,11 @@ def _float(obj: Any, key: str, where: str) -> float:
     return _number(_get(obj, key, where), key, where)
 
 
+def _optional_float(obj: Any, key: str, where: str) -> float | None:
+    value = _get(obj, key, where)
+    return None if value is None else _number(value, key, where)
+
+
 def _dict(obj: Any, key: str, where: str) -> dict[str, Any]:
     value = _get(obj, key, where)
     if not isinstance(value, dict):
@@ -100,9 +105,9 @@ def _source(obj: Any, where: str) -> SourceResult:
         name=_str(obj, "name", where),
         granularity=_str(obj, "granularity", where),
         head=_str(obj, "head", where),
-        mean_coefficient=_float(obj, "mean_coefficient", where),
-        final_coefficient=_float(obj, "final_coefficient", where),
-        credit=_float(obj, "credit", where),
+        mean_coefficient=_optional_float(obj, "mean_coefficient", where),
+        final_coefficient=_optional_float(obj, "final_coefficient", where),
+        credit=_optional_float(obj, "credit", where),
     )
 
 

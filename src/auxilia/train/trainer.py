@@ -16,8 +16,8 @@ import yaml
 
 from auxilia import __version__
 from auxilia.atomic import write_json, write_text
-from auxilia.data.batching import Batch, BatchPlanner
-from auxilia.data.sources import Pair, Source, Target, check_problem, head_outputs
+from auxilia.data.batching import Batch, BatchPlanner, IndexStream
+from auxilia.data.sources import Pair, Source, Target, check_problem, head_outputs, hold_out
 from auxilia.engine import Engine
 from auxilia.errors import ConfigError, DataError, NonFiniteLossError
 from auxilia.ledger import Ledger
@@ -47,7 +47,8 @@ class TrainSettings:
     seed: int = 0
     device: str = "cpu"
     eval_batch_size: int = 1024
-    engine_mode: str = "exact"
+    engine_mode: str = "auto"
+    holdout: float = 0.1  # share of the target's train set held out, for strategies that need it
 
     def __post_init__(self) -> None:
         for name in (
@@ -127,25 +128,63 @@ class Trainer:
         heads = {target.name: target.outputs}
         heads.update({s.name: head_outputs(s) for s in self.sources if s.head == "own"})
         trunk_module = build_trunk(trunk, tuple(target.train[0].shape[1:]), trunk_params or {})
-        self.model: AuxModel = build_model(trunk_module, target.train[0][0], heads).to(self.device)
+        model = build_model(trunk_module, target.train[0][0], heads).to(self.device)
+        self.model: AuxModel = model.train()  # train_step calls train() only after an eval
         shared = list(self.model.trunk.parameters())
-        if any(s.head == "target" for s in self.sources):
+        self.target_head_shared = any(s.head == "target" for s in self.sources)
+        if self.target_head_shared:
             shared += list(self.model.heads[target.name].parameters())
+        # Per-sample modes (ghost) need every row to carry one loss; task sources label the
+        # target's own rows, so with them the engine gets parameters and ``auto`` picks exact.
+        per_row = all(s.granularity == "dataset" for s in self.sources)
         self.engine = Engine(
-            self.model.parameters(),
+            self.model if per_row else self.model.parameters(),
             strategy=strategy,
             num_sources=len(self.names),
             shared=shared,
             mode=self.settings.engine_mode,
-            extra_needs={Need.LOSSES, Need.TARGET_ROW},
+            extra_needs={Need.LOSSES, Need.TARGET_ROW} | self.sampler.needs,
             names=self.names,
         )
         self.optimizer = self._optimizer()
-        self.planner = BatchPlanner(target, self.sources, self.settings.seed)
+        self._stepped: list[torch.Tensor] = list(self.model.parameters())  # grads to clear
+        # Strategies that learn from held-out target losses get a slice the model never trains on.
+        self.holdout: Pair | None = None
+        self.holdout_stream: IndexStream | None = None
+        trained = target
+        if Need.VALIDATION in self.engine.needs:
+            trained, self.holdout = hold_out(target, self.settings.holdout, self.settings.seed)
+            self.holdout_stream = IndexStream(len(self.holdout[1]), self.settings.seed + 13)
+        self.planner = BatchPlanner(trained, self.sources, self.settings.seed)
         self.sampler_state = self.sampler.init(len(self.names), self.settings.seed + 7)
         self.ledger = Ledger(self.names)
         self.coefficients = torch.ones(len(self.names), dtype=torch.float64)
         self.config = dict(config) if config is not None else self.describe()
+
+    def _step_params(self, batch: Batch) -> list[torch.Tensor]:
+        """The parameters a step can change: the trunk's and those of the heads in the batch.
+
+        Clearing gradients and stepping the optimizer over these, rather than over one head per
+        source, keeps the step's cost independent of the number of sources.
+        """
+        params: list[torch.Tensor] = list(self.model.trunk.parameters())
+        for head in dict.fromkeys(segment.head for segment in batch.segments):
+            params.extend(self.model.heads[head].parameters())
+        return params
+
+    def _optimizer_step(self, params: list[torch.Tensor]) -> None:
+        """``optimizer.step()`` over ``params`` only. The update is the same as over all of them:
+        every other parameter has no gradient this step, and optimizers skip those."""
+        group = self.optimizer.param_groups[0]
+        if len(self.optimizer.param_groups) != 1:
+            self.optimizer.step()
+            return
+        every = group["params"]
+        group["params"] = params
+        try:
+            self.optimizer.step()
+        finally:
+            group["params"] = every
 
     def _optimizer(self) -> torch.optim.Optimizer:
         s = self.settings
@@ -173,11 +212,26 @@ class Trainer:
 
     # ---- one step -------------------------------------------------------------------------
 
-    def _losses(self, batch: Batch, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.model(batch.x.to(self.device))
+    def _losses(
+        self, batch: Batch, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Per-sample losses and source ids of the batch, and of a held-out target batch."""
+        x = batch.x.to(self.device)
+        held: Pair | None = None
+        if self.holdout is not None and self.holdout_stream is not None:
+            rows = self.holdout_stream.take(min(self.target.batch_size, len(self.holdout[1])))
+            held = (self.holdout[0][rows].to(x.dtype), self.holdout[1][rows])
+            x = torch.cat([x, held[0].to(self.device)])  # one forward: one graph for the engine
+        features = self.model(x)
+        target_outputs = None
+        if self.target_head_shared:  # the shared head sees every row once (per-sample modes)
+            target_outputs = self.model.heads[self.target.name](features)
         losses, ids = [], []
         for segment in batch.segments:
-            outputs = self.model.heads[segment.head](features[segment.rows])
+            if target_outputs is not None and segment.head == self.target.name:
+                outputs = target_outputs[segment.rows]
+            else:
+                outputs = self.model.heads[segment.head](features[segment.rows])
             loss = per_sample_loss(
                 self.kinds[segment.source], outputs, segment.labels.to(self.device)
             )
@@ -186,19 +240,35 @@ class Trainer:
                 raise NonFiniteLossError(step, self.names[segment.source], mean)
             losses.append(loss)
             ids.append(torch.full((loss.shape[0],), segment.source, dtype=torch.int64))
-        return torch.cat(losses), torch.cat(ids).to(self.device)
+        validation = None
+        if held is not None:
+            n = len(batch.x)
+            outputs = (
+                target_outputs[n:]
+                if target_outputs is not None
+                else self.model.heads[self.target.name](features[n:])
+            )
+            validation = per_sample_loss(self.target.kind, outputs, held[1].to(self.device))
+        return torch.cat(losses), torch.cat(ids).to(self.device), validation
 
     def train_step(self, step: int) -> torch.Tensor:
         """Draw, forward, measure, weight, step; returns the coefficients of this step."""
         drawn, self.sampler_state = self.sampler.draw(self.sampler_state, self.coefficients)
         batch = self.planner.next(drawn)
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        losses, ids = self._losses(batch, step)
+        if not self.model.training:  # train() visits every module: one head per source
+            self.model.train()
+        params = self._step_params(batch)
+        for param in (*self._stepped, *params):  # zero_grad(set_to_none=True), O(drawn)
+            param.grad = None
+        losses, ids, validation = self._losses(batch, step)
         lr = float(self.optimizer.param_groups[0]["lr"])
-        alpha = self.engine.backward(losses, ids, lr=lr)
-        self.optimizer.step()
+        alpha = self.engine.backward(losses, ids, lr=lr, validation=validation)
+        self._optimizer_step(params)
+        self._stepped = params
         assert self.engine.last_statistics is not None
+        self.sampler_state = self.sampler.observe(
+            self.sampler_state, self.engine.last_statistics, drawn
+        )
         self.ledger.record(self.engine.last_statistics, alpha)
         self.coefficients = torch.where(drawn, alpha, self.coefficients)
         return alpha
@@ -239,7 +309,7 @@ class Trainer:
             "coefficients": self.coefficients.clone(),
             "torch_rng": torch.get_rng_state(),
             "wall_seconds": wall,
-        }
+        } | ({} if self.holdout_stream is None else {"holdout": self.holdout_stream.state_dict()})
 
     def load_state_dict(self, state: Mapping[str, Any]) -> int:
         if list(state["names"]) != self.names:
@@ -253,6 +323,8 @@ class Trainer:
         self.planner.load_state_dict(state["planner"])
         self.ledger.load_state_dict(state["ledger"])
         self.coefficients = state["coefficients"].clone()
+        if self.holdout_stream is not None:
+            self.holdout_stream.load_state_dict(state["holdout"])
         torch.set_rng_state(state["torch_rng"])
         return int(state["step"])
 
