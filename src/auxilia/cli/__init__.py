@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from auxilia import __version__
+from auxilia.cli.bench import bench_app
 from auxilia.errors import AuxiliaError
 
 app = typer.Typer(
@@ -18,6 +19,7 @@ app = typer.Typer(
     add_completion=False,
 )
 _options = {"debug": False}
+app.add_typer(bench_app, name="bench")
 
 
 def _version(value: bool) -> None:

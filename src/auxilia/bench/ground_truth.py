@@ -1,0 +1,140 @@
+"""Ground truth per source: what the target's test metric owes to it, measured by retraining.
+
+For each seed the benchmark trains with ``equal`` weights on subsets of the scenario's
+auxiliary sources (or of its source groups, where the scenario groups them):
+
+- ``all``: every source; ``none``: the target alone;
+- leave-one-out ``without:g``: every source but g, and add-one-in ``only:g``: g alone.
+
+A source's **leave-one-out** value is ``metric(all) - metric(all without it)`` and its
+**add-one-in** value is ``metric(target plus it) - metric(target alone)``, both averaged over
+seeds; positive means the source helps. Accuracy deltas are reported in points (×100).
+
+The **oracle** is the target trained with exactly the sources whose add-one-in value is
+positive (mean over seeds > 0), with equal weights: the best a rule that keeps or drops whole
+sources can be expected to do without search, and the reference for "capturing the gain".
+
+Every subset run is cached on disk, one JSON file per (scenario definition, steps, seed,
+subset), under ``CACHE/ground-truth/<scenario>/``: a later benchmark with more seeds or other
+strategies retrains nothing already measured, and the oracle run reuses a subset run when the
+oracle's subset is one of them (e.g. all sources, or the target alone).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from auxilia.atomic import write_json
+from auxilia.bench.scenarios import Scenario
+
+RULE_VERSION = 1  # bump when what a subset run means changes: it keys the cache
+
+
+def subsets(groups: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """The named subsets a ground truth needs (duplicates collapse in the cache)."""
+    ordered = tuple(sorted(groups))
+    out: dict[str, tuple[str, ...]] = {"all": ordered, "none": ()}
+    for g in ordered:
+        out[f"without:{g}"] = tuple(x for x in ordered if x != g)
+        out[f"only:{g}"] = (g,)
+    return out
+
+
+def cache_key(scenario: Scenario, steps: int, seed: int, subset: Sequence[str]) -> str:
+    """A stable hash of the run: scenario definition, steps, seed, subset and this rule."""
+    spec = {
+        "scenario": scenario.fingerprint(steps),
+        "seed": seed,
+        "subset": sorted(subset),
+        "rule": RULE_VERSION,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
+
+
+class GroundTruthCache:
+    """Subset runs on disk: ``root/ground-truth/<scenario>/<key>.json``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root) / "ground-truth"
+
+    def path(self, scenario: str, key: str) -> Path:
+        return self.root / scenario / f"{key}.json"
+
+    def get(self, scenario: str, key: str) -> dict[str, Any] | None:
+        path = self.path(scenario, key)
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+        return record if isinstance(record, dict) and record.get("ok") else None
+
+    def put(self, scenario: str, key: str, record: Mapping[str, Any]) -> None:
+        write_json(self.path(scenario, key), dict(record))
+
+
+@dataclass(frozen=True)
+class GroupTruth:
+    """Leave-one-out and add-one-in values of one group, per seed and averaged."""
+
+    loo: list[float]
+    add: list[float]
+
+    @property
+    def loo_mean(self) -> float | None:
+        return statistics.fmean(self.loo) if self.loo else None
+
+    @property
+    def add_mean(self) -> float | None:
+        return statistics.fmean(self.add) if self.add else None
+
+
+def _std(values: Sequence[float]) -> float | None:
+    return statistics.stdev(values) if len(values) > 1 else (0.0 if values else None)
+
+
+def group_truth(
+    groups: Sequence[str],
+    values: Mapping[int, Mapping[tuple[str, ...], float]],
+) -> dict[str, GroupTruth]:
+    """Per group, from ``values[seed][subset] = metric`` (seeds lacking a run are left out)."""
+    named = subsets(groups)
+    out: dict[str, GroupTruth] = {}
+    for g in sorted(groups):
+        loo, add = [], []
+        for by_subset in values.values():
+            full, without = by_subset.get(named["all"]), by_subset.get(named[f"without:{g}"])
+            alone, only = by_subset.get(named["none"]), by_subset.get(named[f"only:{g}"])
+            if full is not None and without is not None:
+                loo.append(full - without)
+            if alone is not None and only is not None:
+                add.append(only - alone)
+        out[g] = GroupTruth(loo, add)
+    return out
+
+
+def oracle_subset(truth: Mapping[str, GroupTruth]) -> tuple[str, ...]:
+    """The groups whose mean add-one-in value is positive, sorted."""
+    return tuple(sorted(g for g, t in truth.items() if t.add_mean is not None and t.add_mean > 0))
+
+
+def truth_json(truth: Mapping[str, GroupTruth], scale: float) -> dict[str, dict[str, Any]]:
+    """Per group: mean, standard deviation and per-seed values, in reporting units."""
+    out = {}
+    for g, t in truth.items():
+        out[g] = {
+            "loo": None if t.loo_mean is None else scale * t.loo_mean,
+            "loo_std": None if not t.loo else scale * (_std(t.loo) or 0.0),
+            "add_one_in": None if t.add_mean is None else scale * t.add_mean,
+            "add_one_in_std": None if not t.add else scale * (_std(t.add) or 0.0),
+            "loo_per_seed": [scale * v for v in t.loo],
+            "add_one_in_per_seed": [scale * v for v in t.add],
+        }
+    return out

@@ -1,0 +1,122 @@
+"""One training run of the quality benchmark, as a picklable spec and a function that never
+raises (so one failing strategy cannot stop the grid).
+
+A :class:`RunSpec` names a scenario (looked up by name in the worker, so nothing but the spec
+crosses a process boundary), a seed, a number of steps and either a strategy with a sampler,
+or a ``subset`` of the scenario's ground-truth groups trained with ``equal`` weights (the
+ground-truth and oracle runs). :func:`execute` builds the problem (memoised per process),
+trains it with the :class:`~auxilia.train.Trainer` (no run directory) and returns the target's
+test metric, the wall time of training and each source's credit and coefficients.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from auxilia import samplers, strategies
+from auxilia.bench.scenarios import Problem, get_scenario
+from auxilia.train import Trainer, TrainSettings
+
+RunKind = Literal["strategy", "subset"]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What to train: a strategy run, or an ``equal``-weights run on a subset of groups."""
+
+    scenario: str
+    seed: int
+    steps: int
+    kind: RunKind = "strategy"
+    strategy: str = "equal"
+    sampler: str = "all"
+    subset: tuple[str, ...] | None = None  # ground-truth groups kept; None keeps every source
+
+
+@functools.lru_cache(maxsize=16)
+def build_problem(scenario: str, seed: int, cache: str) -> Problem:
+    """The scenario's problem for ``seed`` (memoised: a worker builds each one once)."""
+    return get_scenario(scenario).build(seed, Path(cache))
+
+
+def init_worker() -> None:
+    """Process-pool initializer: one torch thread per worker (the pool is the parallelism)."""
+    torch.set_num_threads(1)
+
+
+def execute(spec: RunSpec, cache: str) -> dict[str, Any]:
+    """Train ``spec``; return ``{"ok": True, "value", "metric", "wall_seconds", "sources"}``
+    or ``{"ok": False, "error"}`` (the exception's type and message, and its traceback)."""
+    try:
+        return _execute(spec, cache)
+    except Exception as error:  # a failing strategy is recorded, not fatal
+        return {
+            "ok": False,
+            "error": f"{type(error).__name__}: {error}".strip(),
+            "traceback": traceback.format_exc(limit=6),
+        }
+
+
+def _execute(spec: RunSpec, cache: str) -> dict[str, Any]:
+    scenario = get_scenario(spec.scenario)
+    problem = build_problem(spec.scenario, spec.seed, cache)
+    sources = problem.sources
+    if spec.subset is not None:
+        groups = problem.group_of()
+        keep = set(spec.subset)
+        sources = [s for s in sources if groups[s.name] in keep]
+    if spec.kind == "subset":
+        strategy = strategies.get("equal")
+        sampler_name = scenario.ground_truth_sampler
+    else:
+        strategy = strategies.get(spec.strategy)
+        sampler_name = spec.sampler
+    sampler = (
+        samplers.get("all")
+        if sampler_name == "all"
+        else samplers.get(sampler_name, scenario.sampler_params)
+    )
+    settings = TrainSettings(
+        steps=spec.steps,
+        lr=scenario.lr,
+        eval_every=spec.steps,
+        log_every=spec.steps,
+        checkpoint_every=spec.steps,
+        seed=spec.seed,
+    )
+    began = time.perf_counter()
+    trainer = Trainer(
+        problem.target,
+        sources,
+        strategy=strategy,
+        sampler=sampler,
+        trunk=scenario.trunk,
+        trunk_params=dict(scenario.trunk_params),
+        settings=settings,
+        quiet=True,
+    )
+    results = trainer.fit()
+    wall = time.perf_counter() - began
+    per_source = {
+        row["name"]: {
+            "credit": row.get("credit"),
+            "mean_coefficient": row.get("mean_coefficient"),
+            "final_coefficient": row.get("final_coefficient"),
+            "drawn_steps": row.get("drawn_steps"),
+        }
+        for row in results["sources"][1:]
+    }
+    return {
+        "ok": True,
+        "metric": results["target"]["metric"],
+        "value": float(results["target"]["value"]),
+        "wall_seconds": wall,
+        "sources": per_source,
+    }
