@@ -73,7 +73,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn import functional as F
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from auxilia.engine.exact import accumulate, measure_exact
+from auxilia.engine.exact import accumulate, gradient_statistics, measure_exact
 from auxilia.engine.factors import F64, Dense2D, EmbeddingRows, Factor, PerSample
 from auxilia.engine.mode import ModeContext
 from auxilia.engine.source_losses import SourceLosses
@@ -731,21 +731,12 @@ def _add_grad(param: torch.Tensor, value: torch.Tensor) -> None:
 def statistics(
     present: torch.Tensor, gram: torch.Tensor, losses: torch.Tensor | None, needs: frozenset[Need]
 ) -> Statistics:
-    """Like :func:`~auxilia.engine.exact.gradient_statistics` (absent rows and columns 0), with
-    no scatter when every source is present and only the requested statistics formed."""
-    if gram.shape[0] == present.shape[0]:
-        full = gram
-    else:
+    """:func:`~auxilia.engine.exact.gradient_statistics` from the present sources' Gram matrix
+    (``gram`` may also be the full (K+1)×(K+1) one, absent rows and columns 0)."""
+    if gram.shape[0] == present.shape[0] and gram.shape[0] != int(present.sum()):
         idx = present.nonzero().squeeze(1)
-        full = torch.zeros(present.shape[0], present.shape[0], dtype=F64)
-        full[idx.unsqueeze(1), idx.unsqueeze(0)] = gram
-    return Statistics(
-        present=present,
-        losses=losses if Need.LOSSES in needs else None,
-        target_row=full[0].clone() if Need.TARGET_ROW in needs else None,
-        gram=full if Need.GRAM in needs else None,
-        norms=full.diagonal().clamp_min(0).sqrt() if Need.NORMS in needs else None,
-    )
+        gram = gram[idx.unsqueeze(1), idx.unsqueeze(0)]
+    return gradient_statistics(present, gram, losses, needs)
 
 
 def losses_statistic(batch: SourceLosses) -> torch.Tensor:

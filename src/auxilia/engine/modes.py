@@ -18,6 +18,9 @@ PREFERENCE: dict[Layout, tuple[str, ...]] = {
     "partitioned": ("ghost", "exact"),
     "shared-input": ("jvp", "batched", "exact"),
 }
+# With no gradient statistic to measure (``equal``, ``dwa``, ``uncertainty``), ``jvp`` does no
+# more than the weighted backward pass itself, in either layout.
+LOSSES_ONLY: tuple[str, ...] = ("jvp", "exact")
 
 
 def _why_not(mode: Mode, layout: Layout, needs: frozenset[Need], has_module: bool) -> str | None:
@@ -43,7 +46,8 @@ def resolve_mode(
             raise EngineError(f"engine mode '{name.name}' cannot be used here: {reason}")
         return name
     if name == "auto":
-        for candidate in PREFERENCE[layout]:
+        order = LOSSES_ONLY if needs <= {Need.LOSSES} else PREFERENCE[layout]
+        for candidate in order:
             mode = MODES.get(candidate)
             if mode is not None and _why_not(mode, layout, needs, has_module) is None:
                 return mode
