@@ -293,7 +293,7 @@ def test_demo_smoke(runner: CliRunner, tmp_path: Path) -> None:
     # Smoke test of the demo: 5 steps per strategy (the full demo takes ~30 s and is not run here).
     out = tmp_path / "demo"
     _invoke(runner, "demo", "--steps", "5", "--out", out)
-    for strategy in ("target-only", "equal", "gcs", "olaux"):
+    for strategy in ("target-only", "equal", "gcs", "olaux", "auto"):
         results = json.loads((out / strategy / "results.json").read_text(encoding="utf-8"))
         assert results["strategy"]["name"] == strategy
         assert results["steps"] == 5

@@ -20,6 +20,7 @@ STRATEGIES: list[dict[str, Any]] = [
     {"name": "equal"},
     {"name": "gcs", "params": {"variant": "weighted"}},
     {"name": "olaux"},
+    {"name": "auto"},
 ]
 
 
@@ -54,7 +55,7 @@ def write_demo_data(folder: Path, seed: int) -> dict[str, Any]:
         },
         "sources": sources,
         "model": {"trunk": "mlp", "params": {"hidden": [256, 256]}},
-        "strategy": {"name": "gcs", "params": {"variant": "weighted"}},
+        "strategy": {"name": "auto"},
         "train": {
             "steps": 500,
             "lr": 0.001,
