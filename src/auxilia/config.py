@@ -95,9 +95,9 @@ class _Named(_Strict):
 
 
 class StrategyConfig(_Named):
-    """A strategy by name (``gcs``) or with params (``{name: gcs, params: {...}}``)."""
+    """A strategy by name (``auto``, the default) or with params (``{name: gcs, params: {}}``)."""
 
-    name: str = "gcs"
+    name: str = "auto"
 
 
 class SamplerConfig(_Named):
