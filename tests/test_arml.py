@@ -14,34 +14,17 @@ from torch.testing import assert_close
 
 from auxilia import strategies
 from auxilia.errors import StrategyError
-from auxilia.statistics import Need, Statistics
+from auxilia.statistics import Need
 from auxilia.strategies import Strategy
 from auxilia.strategies.arml import nnls_gram
 from helpful_vs_harmful import train_helpful_vs_harmful
+from strategy_checks import (
+    apply,
+    expected,
+    stats_from,
+)
 
 F64 = torch.float64
-
-
-def stats_from(grads: list[list[float]], present: list[bool] | None = None) -> Statistics:
-    """Statistics of gradients ``grads`` [K+1, D] (row 0 the target), built by hand."""
-    g = torch.tensor(grads, dtype=F64)
-    gram = g @ g.T
-    num = g.shape[0]
-    return Statistics(
-        present=torch.ones(num, dtype=torch.bool) if present is None else torch.tensor(present),
-        target_row=gram[0].clone(),
-        gram=gram,
-        norms=gram.diagonal().sqrt(),
-    )
-
-
-def apply(strategy: Strategy, stats: Statistics) -> torch.Tensor:
-    alpha, _ = strategy.update(stats, strategy.init(stats.num_sources))
-    return alpha
-
-
-def expected(*values: float) -> torch.Tensor:
-    return torch.tensor(values, dtype=F64)
 
 
 # --------------------------------------------------------------------------- exact updates

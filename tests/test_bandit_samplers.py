@@ -24,6 +24,7 @@ from auxilia.samplers.proportional import proportional_probabilities
 from auxilia.samplers.ucb1 import ucb1_index
 from auxilia.statistics import Need, Statistics
 from auxilia.train import Trainer, TrainSettings
+from tiny_problem import assert_same
 
 F64 = torch.float64
 PROPERTY = settings(max_examples=40, deadline=None)
@@ -376,26 +377,6 @@ def _checkpoint(out: Path) -> dict[str, Any]:
     return state
 
 
-def _assert_same(a: Any, b: Any, where: str = "state") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor), where
-        assert a.dtype == b.dtype, where
-        assert a.shape == b.shape, where
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict), where
-        assert set(a) == set(b), where
-        for key in a:
-            _assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, list | tuple):
-        assert isinstance(b, list | tuple), where
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
 def test_exp3_run_resumed_from_a_checkpoint_is_bitwise_identical(tmp_path: Path) -> None:
     full = _trainer(tmp_path / "full", steps=20).fit()
     _trainer(tmp_path / "split", steps=10).fit()
@@ -405,7 +386,7 @@ def test_exp3_run_resumed_from_a_checkpoint_is_bitwise_identical(tmp_path: Path)
     assert resumed == full
     a, b = _checkpoint(tmp_path / "split"), _checkpoint(tmp_path / "full")
     assert a["step"] == b["step"] == 20
-    _assert_same(a, b)  # model, optimizer, sampler (R̂, plays, RNG), planner, ledger
+    assert_same(a, b)  # model, optimizer, sampler (R̂, plays, RNG), planner, ledger
     assert int(a["sampler"]["steps"]) == 20
     metrics = [
         (tmp_path / d / "metrics.jsonl").read_text(encoding="utf-8") for d in ("split", "full")

@@ -20,13 +20,18 @@ from hypothesis.extra import numpy as hnp
 from torch.testing import assert_close
 
 from auxilia.errors import StrategyError
-from auxilia.statistics import Need, Statistics
+from auxilia.statistics import Need
 from auxilia.strategies.base import Strategy
 from auxilia.strategies.cagrad import cagrad, cagrad_direction
 from auxilia.strategies.mgda import mgda
 from auxilia.strategies.nash_mtl import nash_mtl, nash_solve
 from auxilia.strategies.simplex import min_norm_weights, simplex_qp
 from helpful_vs_harmful import train_helpful_vs_harmful
+from strategy_checks import (
+    apply,
+    expected,
+    stats_from,
+)
 
 F64 = torch.float64
 PROPERTY = settings(max_examples=30, deadline=None)
@@ -35,28 +40,6 @@ CONSTRUCTORS: dict[str, Callable[..., Strategy]] = {
     "cagrad": cagrad,
     "nash-mtl": nash_mtl,
 }
-
-
-def stats_from(grads: object, present: list[bool] | None = None) -> Statistics:
-    """Statistics of gradients ``grads`` [K+1, D] (row 0 the target), built by hand."""
-    g = torch.as_tensor(np.asarray(grads, dtype=np.float64))
-    gram = g @ g.T
-    num = g.shape[0]
-    return Statistics(
-        present=torch.ones(num, dtype=torch.bool) if present is None else torch.tensor(present),
-        target_row=gram[0].clone(),
-        gram=gram,
-        norms=gram.diagonal().sqrt(),
-    )
-
-
-def apply(strategy: Strategy, stats: Statistics) -> torch.Tensor:
-    alpha, _ = strategy.update(stats, strategy.init(stats.num_sources))
-    return alpha
-
-
-def expected(*values: float) -> torch.Tensor:
-    return torch.tensor(values, dtype=F64)
 
 
 def simplex_grid(n: int, steps: int) -> torch.Tensor:

@@ -13,7 +13,6 @@ GradNorm: weighted gradient norms move towards balance).
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Callable
 
@@ -31,6 +30,12 @@ from auxilia.strategies.base import State, Strategy
 from auxilia.strategies.dwa import dwa
 from auxilia.strategies.gradnorm import gradnorm
 from auxilia.strategies.uncertainty import LOG_VARIANCE_BOUND, uncertainty
+from strategy_checks import (
+    assert_not_mutated,
+    assert_round_trip,
+    clone_state,
+    expected,
+)
 
 F64 = torch.float64
 PROPERTY = settings(max_examples=30, deadline=None)
@@ -65,50 +70,6 @@ def run(strategy: Strategy, sequence: list[Statistics]) -> tuple[list[torch.Tens
         alpha, state = strategy.update(stats, state)
         alphas.append(alpha)
     return alphas, state
-
-
-def expected(*values: float) -> torch.Tensor:
-    return torch.tensor(values, dtype=F64)
-
-
-def clone_state(state: State) -> State:
-    return {key: value.clone() for key, value in state.items()}
-
-
-def saved_and_loaded(state: State) -> State:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    loaded: State = torch.load(buffer, weights_only=True)
-    return loaded
-
-
-def assert_round_trip(strategy: Strategy, sequence: list[Statistics], split: int) -> None:
-    """Resuming from a cloned or a saved-and-loaded state gives bit-identical coefficients."""
-    state = strategy.init(sequence[0].num_sources)
-    for stats in sequence[:split]:
-        _, state = strategy.update(stats, state)
-    restored = [clone_state(state), saved_and_loaded(state)]
-    reference = []
-    for stats in sequence[split:]:
-        alpha, state = strategy.update(stats, state)
-        reference.append(alpha)
-    for other in restored:
-        for stats, alpha_ref in zip(sequence[split:], reference, strict=True):
-            alpha, other = strategy.update(stats, other)
-            assert torch.equal(alpha, alpha_ref)
-        for key in state:
-            assert torch.equal(other[key], state[key]), key
-
-
-def assert_not_mutated(strategy: Strategy, stats: Statistics) -> None:
-    state = strategy.init(stats.num_sources)
-    for _ in range(3):  # move the state off its initial values first
-        _, state = strategy.update(stats, state)
-    before = clone_state(state)
-    strategy.update(stats, state)
-    for key, value in before.items():
-        assert torch.equal(state[key], value), key
 
 
 @st.composite

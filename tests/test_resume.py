@@ -15,7 +15,13 @@ from typer.testing import CliRunner
 
 from auxilia.cli import app
 from auxilia.config import build_trainer, load_config
-from tiny_problem import Outcome, assert_one_line_error, base_config, write_tiny_problem
+from tiny_problem import (
+    Outcome,
+    assert_one_line_error,
+    assert_same,
+    base_config,
+    write_tiny_problem,
+)
 
 STEPS = 20
 HALF = 10  # a multiple of log_every (5) and checkpoint_every (10): the logs line up exactly
@@ -55,27 +61,6 @@ def _last_checkpoint(out: Path) -> dict[str, Any]:
     return state
 
 
-def _assert_same(a: Any, b: Any, where: str = "state") -> None:
-    """Deep, bitwise equality of checkpoint contents (tensors with torch.equal)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor), where
-        assert a.dtype == b.dtype, where
-        assert a.shape == b.shape, where
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict), where
-        assert set(a) == set(b), where
-        for key in a:
-            _assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, list | tuple):
-        assert isinstance(b, list | tuple), where
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
 def _results(out: Path) -> dict[str, Any]:
     results: dict[str, Any] = json.loads((out / "results.json").read_text(encoding="utf-8"))
     results.pop("wall_seconds")
@@ -97,7 +82,7 @@ def _assert_runs_equal(resumed: Path, full: Path) -> None:
         assert torch.equal(a["model"][name], tensor), f"model parameter {name} differs after resume"
     a.pop("wall_seconds")
     b.pop("wall_seconds")
-    _assert_same(a, b)  # optimizer, engine/strategy, sampler, planner, ledger, RNG
+    assert_same(a, b)  # optimizer, engine/strategy, sampler, planner, ledger, RNG
     assert _results(resumed) == _results(full)
     metrics, expected = _metrics(resumed), _metrics(full)
     assert [m["step"] for m in metrics] == [5, 10, 15, 20]

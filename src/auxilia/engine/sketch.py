@@ -39,10 +39,11 @@ import torch
 
 from auxilia.engine.capture import Capture, Step, Verifier, losses_statistic, statistics
 from auxilia.engine.factors import F64, Projection
+from auxilia.engine.ghost import GhostMeasurement
 from auxilia.engine.mode import Mode, ModeContext, Runner
 from auxilia.engine.source_losses import SourceLosses
 from auxilia.errors import EngineError
-from auxilia.statistics import Need, Statistics
+from auxilia.statistics import Need
 
 DEFAULT_DIM = 512
 _MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
@@ -131,30 +132,11 @@ def projection_for(shape: torch.Size, dim: int, seed: int, index: int) -> Projec
 
 
 @dataclass
-class SketchMeasurement:
-    """Estimated statistics, projected per-sample gradients, exact ``.grad``."""
+class SketchMeasurement(GhostMeasurement):
+    """Estimated statistics, projected per-sample gradients, exact ``.grad`` (as ``ghost``)."""
 
-    statistics: Statistics
-    step: Step
     features: torch.Tensor  # [N, dim]: projected gradient of each sample's own loss
     ids: torch.Tensor  # [N]: the source of each sample
-
-    def combine(self, coefficients: torch.Tensor) -> None:
-        """Accumulate Σ_k α_k g_k (exact) into shared ``.grad``, Σ_k g_k into the others'."""
-        self.step.combine(coefficients)
-
-    @property
-    def shared(self) -> list[torch.Tensor]:
-        """The shared parameters ``dots`` and ``source_gradient`` refer to, in order."""
-        return self.step.shared
-
-    def dots(self, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """<g_k, v> (exact) for every source k; float64 [K+1] on CPU."""
-        return self.step.dots(vectors)
-
-    def source_gradient(self, k: int) -> list[torch.Tensor]:
-        """Source k's exact gradient on each shared parameter."""
-        return self.step.source_gradient(k)
 
 
 class SketchRunner:
