@@ -7,12 +7,14 @@ exact resume and identical coefficients on every distributed rank come for free.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from auxilia.errors import StrategyError
 from auxilia.statistics import Need, Statistics
 
 State = dict[str, torch.Tensor]
@@ -63,3 +65,14 @@ def target_one_hot(stats: Statistics) -> torch.Tensor:
     alpha = torch.zeros(stats.num_sources, dtype=torch.float64)
     alpha[0] = 1.0
     return alpha
+
+
+def check_rate(name: str, key: str, value: float) -> None:
+    """Raise unless ``value`` is a finite number > 0 (bools rejected)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise StrategyError(f"{name}: {key} must be a finite number > 0, got {value!r}")

@@ -14,8 +14,8 @@ import torch
 
 from auxilia.errors import StrategyError
 from auxilia.statistics import Need, Statistics
-from auxilia.strategies.base import State, Strategy
-from auxilia.strategies.uncertainty import adam_step, check_rate
+from auxilia.strategies.base import State, Strategy, check_rate
+from auxilia.strategies.inner_adam import adam_step
 
 F64 = torch.float64
 FLOAT_MAX = torch.finfo(F64).max

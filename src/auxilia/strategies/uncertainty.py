@@ -8,56 +8,15 @@ one more task, with no say over the auxiliaries.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from auxilia.errors import StrategyError
 from auxilia.statistics import Need, Statistics
-from auxilia.strategies.base import State, Strategy
+from auxilia.strategies.base import State, Strategy, check_rate
+from auxilia.strategies.inner_adam import adam_step
 
 F64 = torch.float64
 LOG_VARIANCE_BOUND = 20.0  # s_k is kept in [-20, 20]: α_k in [2e-9, 4.9e8], always finite
 GRADIENT_BOUND = 1e100  # so that the squared gradient in Adam's second moment stays finite
-BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # Adam's defaults (torch.optim.Adam)
-
-
-def adam_step(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    state: State,
-    prefix: str,
-    mask: torch.Tensor,
-    lr: float,
-) -> tuple[torch.Tensor, State]:
-    """One Adam step (torch.optim.Adam's rule, bias-corrected) on the entries where ``mask``.
-
-    Moments live in ``state[prefix + "m"|"v"|"t"]`` (t counts each entry's own steps, so an
-    entry left out by the mask keeps its moments and its bias correction). Returns the new
-    parameter and the new moments; nothing is modified in place.
-    """
-    grad = torch.where(mask, grad, torch.zeros_like(grad))
-    t = state[prefix + "t"] + mask.to(torch.int64)
-    m = torch.where(mask, BETA1 * state[prefix + "m"] + (1 - BETA1) * grad, state[prefix + "m"])
-    v = torch.where(
-        mask, BETA2 * state[prefix + "v"] + (1 - BETA2) * grad * grad, state[prefix + "v"]
-    )
-    steps = t.clamp_min(1).to(F64)
-    m_hat = m / (1 - BETA1**steps)
-    v_hat = v / (1 - BETA2**steps)
-    new = torch.where(mask, param - lr * m_hat / (v_hat.sqrt() + EPS), param)
-    return new, {prefix + "m": m, prefix + "v": v, prefix + "t": t}
-
-
-def check_rate(name: str, key: str, value: float) -> None:
-    """Raise unless ``value`` is a finite number > 0 (bools rejected)."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise StrategyError(f"{name}: {key} must be a finite number > 0, got {value!r}")
 
 
 def uncertainty(lr: float = 0.01) -> Strategy:
