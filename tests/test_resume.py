@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from auxilia.cli import app
 from auxilia.config import build_trainer, load_config
+from auxilia.errors import ConfigError
 from tiny_problem import (
     Outcome,
     assert_one_line_error,
@@ -25,6 +26,8 @@ from tiny_problem import (
 
 STEPS = 20
 HALF = 10  # a multiple of log_every (5) and checkpoint_every (10): the logs line up exactly
+
+DATASETS = [s for s in base_config()["sources"] if s["granularity"] == "dataset"]
 
 CASES = {
     "gcs-all": {"strategy": {"name": "gcs"}, "sampler": {"name": "all"}},
@@ -48,6 +51,13 @@ CASES = {
     },
     # the engine's EMA of the target gradient is part of the checkpoint
     "bloop-ema": {"strategy": {"name": "bloop"}, "sampler": {"name": "all"}},
+    # dataset sources only: ``auto`` runs the per-sample ghost mode
+    "auto-ghost": {"sources": DATASETS, "strategy": {"name": "auto"}},
+    "bloop-ghost": {"sources": DATASETS, "strategy": {"name": "bloop"}},
+    "auxinash-ghost": {
+        "sources": DATASETS,
+        "strategy": {"name": "auxinash", "params": {"update_every": 3}},
+    },
 }
 
 
@@ -171,3 +181,19 @@ def test_resume_with_other_sources_fails(
     outcome = auxilia_main("run", fewer, "--out", out, "--resume", "--quiet")
     assert_one_line_error(outcome, "checkpoint", "parity")
     assert (out / "checkpoints" / f"step_{HALF:08d}.pt").is_file()
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.endswith("-ghost")])
+def test_ghost_cases_run_the_ghost_mode(case: str, tmp_path: Path) -> None:
+    config = write_tiny_problem(tmp_path, CASES[case])
+    trainer = build_trainer(load_config(config), config.parent, None, quiet=True)
+    assert trainer.engine.mode.name == "ghost"
+
+
+def test_per_sample_modes_refuse_task_sources(tmp_path: Path) -> None:
+    config = write_tiny_problem(tmp_path, {"train": {"engine_mode": "ghost"}})
+    with pytest.raises(ConfigError, match=r"train\.engine_mode: 'ghost' needs one loss per row"):
+        build_trainer(load_config(config), config.parent, None, quiet=True)
+    config = write_tiny_problem(tmp_path, {}, name="auto.yaml")
+    trainer = build_trainer(load_config(config), config.parent, None, quiet=True)
+    assert trainer.engine.mode.name == "exact"  # a task source: auto falls back to exact

@@ -137,6 +137,11 @@ class Trainer:
         # Per-sample modes (ghost) need every row to carry one loss; task sources label the
         # target's own rows, so with them the engine gets parameters and ``auto`` picks exact.
         per_row = all(s.granularity == "dataset" for s in self.sources)
+        if not per_row and self.settings.engine_mode in ("ghost", "sketch"):
+            raise ConfigError(
+                f"train.engine_mode: '{self.settings.engine_mode}' needs one loss per row, but "
+                "task sources label the target's own rows; use 'auto', 'exact' or 'batched'"
+            )
         self.engine = Engine(
             self.model if per_row else self.model.parameters(),
             strategy=strategy,
