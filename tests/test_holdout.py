@@ -10,7 +10,7 @@ import torch
 from auxilia.config import build_trainer, load_config
 from auxilia.data.sources import Target, hold_out
 from auxilia.errors import DataError
-from tiny_problem import write_tiny_problem
+from tiny_problem import base_config, write_tiny_problem
 
 
 def _target(n: int = 20) -> Target:
@@ -67,3 +67,22 @@ def test_trainer_holds_out_only_for_strategies_that_need_it(tmp_path: Path) -> N
     assert stats.validation_row is not None
     assert stats.validation_row.shape == (len(trainer.names),)
     assert float(stats.validation_row.abs().sum()) > 0
+
+
+def test_val_fraction_splits_the_train_file_and_names_the_key(tmp_path: Path) -> None:
+    datasets = [s for s in base_config()["sources"] if s["granularity"] == "dataset"]
+    config = write_tiny_problem(
+        tmp_path,
+        {"target": {"val": None, "val_fraction": 0.25}, "sources": datasets, "train": {"steps": 2}},
+    )
+    trainer = build_trainer(load_config(config), config.parent, None, quiet=True)
+    assert trainer.target.val is not None
+    n = len(trainer.target.train[1]) + len(trainer.target.val[1])
+    assert len(trainer.target.val[1]) == round(0.25 * n)
+    config = write_tiny_problem(
+        tmp_path,
+        {"target": {"val": None, "val_fraction": 0.999}, "sources": datasets},
+        name="bad.yaml",
+    )
+    with pytest.raises(DataError, match=r"target\.val_fraction: cannot hold out"):
+        build_trainer(load_config(config), config.parent, None, quiet=True)

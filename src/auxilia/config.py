@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import yaml
 from pydantic import (
@@ -22,7 +21,7 @@ from pydantic import (
 
 from auxilia import samplers, strategies
 from auxilia.data.files import load_array_file
-from auxilia.data.sources import Pair, Source, Target
+from auxilia.data.sources import Pair, Source, Target, split_pair
 from auxilia.engine import MODES
 from auxilia.errors import AuxiliaError, ConfigError, DataError
 from auxilia.train import Trainer, TrainSettings
@@ -236,14 +235,7 @@ def build_target(config: TargetConfig, base: Path, seed: int) -> Target:
     train = read(config.train)
     val = read(config.val) if config.val else None
     if val is None and config.val_fraction:
-        order = np.random.default_rng(seed).permutation(len(train[1]))
-        cut = max(1, round(config.val_fraction * len(order)))
-        if cut >= len(order):
-            raise ConfigError(
-                f"target.val_fraction: leaves no training samples out of {len(order)}"
-            )
-        held, kept = torch.from_numpy(order[:cut]), torch.from_numpy(order[cut:])
-        train, val = (train[0][kept], train[1][kept]), (train[0][held], train[1][held])
+        train, val = split_pair(train, config.val_fraction, seed, "target.val_fraction")
     test = read(config.test) if config.test else None
     return Target(
         config.name,

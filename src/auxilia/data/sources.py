@@ -227,6 +227,24 @@ def head_outputs(source: Source) -> int:
     return output_size(source.kind, [source.y], source.num_classes, f"source '{source.name}'")
 
 
+def split_pair(pair: Pair, fraction: float, seed: int, key: str) -> tuple[Pair, Pair]:
+    """(kept, held): a seeded share ``fraction`` of the samples held out, at least one each side.
+
+    ``key`` names the setting in the error raised when that is impossible.
+    """
+    x, y = pair
+    n = len(y)
+    count = max(1, round(fraction * n))
+    if not 0.0 < fraction < 1.0 or count >= n:
+        raise DataError(
+            f"{key}: cannot hold out {fraction:g} of {n} training samples and keep at least one "
+            "to train on"
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    held, kept = order[:count], order[count:]
+    return (x[kept], y[kept]), (x[held], y[held])
+
+
 def hold_out(target: Target, fraction: float, seed: int) -> tuple[Target, Pair]:
     """Split ``fraction`` of the target's training samples off as a held-out set.
 
@@ -234,24 +252,15 @@ def hold_out(target: Target, fraction: float, seed: int) -> tuple[Target, Pair]:
     target trains on the rest, and its number of outputs is unchanged even if a class ends up
     only in the held-out part. The split is seeded, so a resumed run holds out the same samples.
     """
-    x, y = target.train
-    n = len(y)
-    count = max(1, round(fraction * n))
-    if not 0.0 < fraction < 1.0 or count >= n:
-        raise DataError(
-            f"target '{target.name}': cannot hold out {fraction:g} of {n} training samples "
-            "and keep at least one to train on (train.holdout)"
-        )
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    held, kept = order[:count], order[count:]
+    kept, held = split_pair(target.train, fraction, seed, f"target '{target.name}' train.holdout")
     num_classes = target.outputs if target.kind == "classification" else target.num_classes
     trained = Target(
         target.name,
-        train=(x[kept], y[kept]),
+        train=kept,
         val=target.val,
         test=target.test,
         kind=target.kind,
         num_classes=num_classes,
         batch_size=target.batch_size,
     )
-    return trained, (x[held], y[held])
+    return trained, held
