@@ -106,3 +106,22 @@ def target_mask(num_sources: int) -> torch.Tensor:
     mask = torch.zeros(num_sources, dtype=torch.bool)
     mask[0] = True
     return mask
+
+
+def played_arms(stats: Statistics, drawn: torch.Tensor) -> torch.Tensor:
+    """The auxiliary sources drawn this step that were present in the batch (bool [K+1])."""
+    played = drawn.clone()
+    played[0] = False
+    return played & stats.present
+
+
+def smoothed_rewards(
+    previous: torch.Tensor,
+    rewards: torch.Tensor,
+    plays: torch.Tensor,
+    played: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """R ← (1 − β) R + β r on played arms, the first reward taken as it is; others keep R."""
+    updated = torch.where(plays == 0, rewards, (1.0 - beta) * previous + beta * rewards)
+    return torch.where(played, updated, previous)

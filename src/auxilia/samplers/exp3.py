@@ -16,7 +16,9 @@ from auxilia.samplers.base import (
     SamplerState,
     generator_from,
     inclusion_probabilities,
+    played_arms,
     seeded_rng_state,
+    smoothed_rewards,
     systematic_sample,
     target_mask,
 )
@@ -116,16 +118,13 @@ def exp3(per_step: int = 4, beta: float = 1.0) -> Sampler:
         return mask, {**state, "rng": generator.get_state(), "inclusion": inclusion}
 
     def observe(state: SamplerState, stats: Statistics, drawn: torch.Tensor) -> SamplerState:
-        played = drawn & stats.present
-        played[0] = False
+        played = played_arms(stats, drawn)
         steps = state["steps"] + 1
         if not bool(played.any()):
             return {**state, "steps": steps}
         rounds = min(per_step, int(state["num_sources"]) - 1)
         rewards = stats.cosines().to(torch.float64)
-        first = state["plays"] == 0
-        smoothed = torch.where(first, rewards, (1.0 - beta) * state["smoothed"] + beta * rewards)
-        smoothed = torch.where(played, smoothed, state["smoothed"])
+        smoothed = smoothed_rewards(state["smoothed"], rewards, state["plays"], played, beta)
         gain = torch.where(played, rounds * smoothed / state["inclusion"], 0.0)
         return {
             **state,

@@ -11,7 +11,13 @@ import math
 import torch
 
 from auxilia.errors import StrategyError
-from auxilia.samplers.base import Sampler, SamplerState, target_mask
+from auxilia.samplers.base import (
+    Sampler,
+    SamplerState,
+    played_arms,
+    smoothed_rewards,
+    target_mask,
+)
 from auxilia.statistics import Need, Statistics
 
 
@@ -82,17 +88,14 @@ def ucb1(per_step: int = 4, beta: float = 0.1) -> Sampler:
         return mask, state
 
     def observe(state: SamplerState, stats: Statistics, drawn: torch.Tensor) -> SamplerState:
-        played = drawn.clone()
-        played[0] = False
-        played &= stats.present
+        played = played_arms(stats, drawn)
         if not bool(played.any()):
             return state
         rewards = stats.cosines().to(torch.float64)
-        smoothed = (1.0 - beta) * state["estimated"] + beta * rewards
-        updated = torch.where(state["plays"] == 0, rewards, smoothed)
+        estimated = smoothed_rewards(state["estimated"], rewards, state["plays"], played, beta)
         return {
             **state,
-            "estimated": torch.where(played, updated, state["estimated"]),
+            "estimated": estimated,
             "plays": state["plays"] + played.to(torch.int64),
         }
 

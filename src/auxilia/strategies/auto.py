@@ -31,8 +31,6 @@ number of observations min(n_k, (2 − ρ)/ρ). With a single observation the st
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from auxilia.errors import StrategyError
@@ -70,6 +68,4 @@ def auto(rate: float = 0.1) -> Strategy:
         alpha[0] = 1.0
         return alpha, {"mean": mean, "square": square, "count": count}
 
-    if not math.isfinite(rate):
-        raise StrategyError(f"auto: rate must be finite, got {rate!r}")
     return Strategy("auto", frozenset({Need.TARGET_ROW, Need.NORMS}), init, update, {"rate": rate})
