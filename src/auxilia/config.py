@@ -122,6 +122,7 @@ class TrainConfig(_Strict):
     eval_batch_size: int = Field(default=1024, ge=1)
     engine_mode: str = "auto"
     holdout: float = Field(default=0.1, gt=0, lt=1)
+    timeout: float = Field(default=300.0, gt=0)
 
     @field_validator("engine_mode")
     @classmethod

@@ -29,6 +29,15 @@ class EngineError(AuxiliaError):
     """The gradient engine was given inconsistent inputs (shapes, source ids, modes)."""
 
 
+class NonFiniteSourceError(EngineError):
+    """The engine found a source's mean loss NaN or infinite."""
+
+    def __init__(self, source: str, value: float) -> None:
+        super().__init__(f"non-finite loss {value} for source '{source}'")
+        self.source = source
+        self.value = value
+
+
 class NonFiniteLossError(AuxiliaError):
     """A loss became NaN or infinite during training; the run stops at that step."""
 

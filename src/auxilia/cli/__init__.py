@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -62,9 +63,11 @@ def run(
     out_dir = out if out is not None else Path("runs") / config.stem
     trainer = build_trainer(parsed, config.parent, out_dir, quiet=quiet)
     results = trainer.fit(resume=resume)
+    _leave_group()  # only after success: after a failure a peer may not answer
     target = results["target"]
-    typer.echo(f"{target['name']}: {target['split']} {target['metric']} {target['value']:.4f}")
-    typer.echo(f"run directory: {out_dir} (report: {out_dir / 'report.html'})")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        typer.echo(f"{target['name']}: {target['split']} {target['metric']} {target['value']:.4f}")
+        typer.echo(f"run directory: {out_dir} (report: {out_dir / 'report.html'})")
 
 
 @app.command()
@@ -93,15 +96,63 @@ def report(
     typer.echo(str(render_report(run_dir)))
 
 
+def _where() -> str:
+    """``rank R of W: `` under torchrun (so that an error names the process), else nothing."""
+    world, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")
+    return f"rank {rank} of {world}: " if world not in ("", "1") else ""
+
+
 def main() -> None:
-    """Entry point: run the app; turn auxilia errors into one line on stderr and an exit code."""
+    """Entry point: run the app; turn auxilia errors into one line on stderr and an exit code.
+
+    Under torchrun the line names the rank; a rank that loses contact with the others (one of
+    them died or stopped answering within ``train.timeout``) says so and exits non-zero, so
+    that torchrun stops the whole run.
+    """
     try:
         app()
     except AuxiliaError as error:
+        _record_for_torchrun(error)
         if _options["debug"]:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_where()}{error}", file=sys.stderr)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
-        print("interrupted; resume with --resume", file=sys.stderr)
+        print(f"{_where()}interrupted; resume with --resume", file=sys.stderr)
         sys.exit(130)
+    except Exception as error:
+        _record_for_torchrun(error)
+        if not _where() or _options["debug"] or not _lost_contact(error):
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(
+            f"error: {_where()}lost contact with the other processes (one stopped or failed; "
+            f"see its message): {first}",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+
+
+def _lost_contact(error: BaseException) -> bool:
+    """Whether ``error`` is torch.distributed's: a peer closed its connection or timed out."""
+    import torch.distributed as dist
+
+    return isinstance(error, dist.DistError) or "gloo" in str(error).lower()
+
+
+def _record_for_torchrun(error: BaseException) -> None:
+    """Under torchrun, hand ``error`` to its error file, so that its failure summary shows the
+    message of the rank that failed first (its "root cause") rather than only an exit code."""
+    if "TORCHELASTIC_ERROR_FILE" not in os.environ:
+        return
+    from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+    get_error_handler().record_exception(error)
+
+
+def _leave_group() -> None:
+    """Destroy the process group torchrun's run joined, if any (a clean exit for gloo/NCCL)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

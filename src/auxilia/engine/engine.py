@@ -8,8 +8,22 @@ from typing import Any, cast
 
 import torch
 
+from auxilia.engine.distributed import (
+    Collectives,
+    GlobalLosses,
+    distributed_world,
+    globalise,
+    globalise_losses,
+)
 from auxilia.engine.exact import accumulate
-from auxilia.engine.mode import LAYOUTS, DirectionalMeasurement, Layout, Mode, ModeContext
+from auxilia.engine.mode import (
+    LAYOUTS,
+    DirectionalMeasurement,
+    Layout,
+    Measurement,
+    Mode,
+    ModeContext,
+)
 from auxilia.engine.modes import resolve_mode
 from auxilia.engine.source_losses import SourceLosses, split_by_source, split_by_task
 from auxilia.errors import EngineError
@@ -32,6 +46,13 @@ class Engine:
     ``mode="auto"`` picks the fastest mode that computes what the strategy needs; a name
     (``"exact"``, ``"ghost"``, ...) or a configured :class:`Mode` (``sketch(dim=64)``) forces one.
 
+    Across processes (``torchrun``; ``distributed=None`` turns it on when torch.distributed is
+    initialised with more than one process) each rank passes its own samples and every
+    statistic is one of the global batch: all ranks get the same α and ``.grad`` holds the
+    global combined gradient, already summed over ranks (do not wrap the model in
+    ``DistributedDataParallel``). The collectives are listed in
+    :mod:`auxilia.engine.distributed`.
+
     Example::
 
         engine = Engine(model.parameters(), strategy=ax.strategies.gcs(), num_sources=3)
@@ -51,6 +72,7 @@ class Engine:
         layout: Layout = "partitioned",
         extra_needs: Iterable[Need] = (),
         names: Sequence[str] | None = None,
+        distributed: bool | None = None,
     ) -> None:
         if num_sources < 1:
             raise EngineError(f"num_sources must be >= 1, got {num_sources}")
@@ -84,6 +106,14 @@ class Engine:
         mode_needs = self.needs | ({Need.GRAM} if Need.VALIDATION in self.needs else set())
         self.mode = resolve_mode(mode, layout, mode_needs, self.module is not None)
         self._mode_needs = mode_needs - {Need.VALIDATION, Need.TARGET_EMA}
+        if distributed is None:
+            distributed = distributed_world() > 1
+        self.collectives = Collectives() if distributed else None
+        if self.collectives is not None and self.mode.name == "sketch":
+            raise EngineError(
+                "engine mode 'sketch' estimates statistics per process and is not supported "
+                "across processes; use 'auto', 'ghost' or 'exact'"
+            )
         self.runner = self.mode.start(ModeContext(self.module, self.params, self.shared, layout))
         self.strategy_state: State = strategy.init(num_sources)
         self.ema: list[torch.Tensor] | None = None
@@ -106,7 +136,23 @@ class Engine:
         graph, for strategies that need ``Need.VALIDATION``; measured, never trained on.
         """
         batch = self._split(losses, source_ids, validation)
-        measurement = self.runner.measure(batch, self._mode_needs)
+        measurement: Measurement
+        if self.collectives is None:
+            measurement = self.runner.measure(batch, self._mode_needs)
+        else:
+            reduced: GlobalLosses = globalise_losses(
+                self.collectives, batch, self.layout, self._names(batch)
+            )
+            local = self.runner.measure(reduced.batch, self._mode_needs)
+            measurement = globalise(
+                self.collectives,
+                local,
+                reduced,
+                self._mode_needs,
+                self._shared_params(),
+                self.params,
+                self.mode.name,
+            )
         stats = measurement.statistics
         if Need.VALIDATION in self.needs:
             stats = _without_validation(stats, self.needs)
@@ -135,10 +181,11 @@ class Engine:
         source_ids: torch.Tensor | None,
         validation: torch.Tensor | None,
     ) -> SourceLosses:
+        local = self.collectives is None  # across processes the global means are checked
         if self.layout == "shared-input":
             if source_ids is not None:
                 raise EngineError("the shared-input layout takes no source_ids")
-            return split_by_task(losses, self.num_sources, self.names)
+            return split_by_task(losses, self.num_sources, self.names, check_finite=local)
         if source_ids is None:
             raise EngineError("the partitioned layout needs source_ids, one per loss")
         if Need.VALIDATION not in self.needs:
@@ -147,8 +194,11 @@ class Engine:
                     f"validation losses were given but strategy '{self.strategy.name}' does "
                     "not use them"
                 )
-            return split_by_source(losses, source_ids, self.num_sources, self.names)
-        if validation is None or validation.dim() != 1 or validation.numel() == 0:
+            return split_by_source(
+                losses, source_ids, self.num_sources, self.names, check_finite=local
+            )
+        # Across processes a rank may hold none of the step's held-out samples.
+        if validation is None or validation.dim() != 1 or (local and validation.numel() == 0):
             raise EngineError(
                 f"strategy '{self.strategy.name}' needs held-out target losses: pass "
                 "validation=<1-D per-sample losses> to backward"
@@ -160,7 +210,14 @@ class Engine:
                 torch.full_like(validation, self.num_sources, dtype=torch.int64),
             ]
         )
-        return split_by_source(torch.cat([losses, validation]), ids, self.num_sources + 1, names)
+        return split_by_source(
+            torch.cat([losses, validation]), ids, self.num_sources + 1, names, check_finite=local
+        )
+
+    def _names(self, batch: SourceLosses) -> list[str] | None:
+        if self.names is None:
+            return None
+        return self.names + ["validation"] * (batch.num_sources - len(self.names))
 
     def _shared_params(self) -> list[torch.Tensor]:
         return self.params if self.shared is None else self.shared
@@ -210,6 +267,10 @@ class Engine:
     def close(self) -> None:
         """Detach the mode from the model (hooks); the engine is not used afterwards."""
         self.runner.close()
+
+    def communication(self) -> dict[str, dict[str, float]]:
+        """Bytes, calls and seconds the engine's collectives took on this rank ({} on one)."""
+        return {} if self.collectives is None else self.collectives.report()
 
     def state_dict(self) -> dict[str, Any]:
         """The strategy state, step counter and target-gradient EMA, for checkpoints."""

@@ -8,7 +8,7 @@ from functools import cached_property
 
 import torch
 
-from auxilia.errors import EngineError
+from auxilia.errors import EngineError, NonFiniteSourceError
 
 
 @dataclass(frozen=True)
@@ -54,14 +54,21 @@ class SourceLosses:
 def _checked_mean(mean: torch.Tensor, k: int, names: Sequence[str] | None) -> torch.Tensor:
     if not bool(torch.isfinite(mean.detach())):
         label = names[k] if names is not None and k < len(names) else str(k)
-        raise EngineError(f"non-finite loss {float(mean.detach())} for source '{label}'")
+        raise NonFiniteSourceError(label, float(mean.detach()))
     return mean
 
 
 def split_by_task(
-    losses: torch.Tensor, num_sources: int, names: Sequence[str] | None = None
+    losses: torch.Tensor,
+    num_sources: int,
+    names: Sequence[str] | None = None,
+    *,
+    check_finite: bool = True,
 ) -> SourceLosses:
-    """Validate shared-input ``losses``, [B, K+1] per sample or [K+1] means, one per task."""
+    """Validate shared-input ``losses``, [B, K+1] per sample or [K+1] means, one per task.
+
+    ``check_finite=False`` leaves the check of the means to the caller (across processes it is
+    made on the global means, so that every rank stops at the same step)."""
     if losses.dim() not in (1, 2) or losses.shape[-1] != num_sources:
         raise EngineError(
             f"shared-input losses must have shape [batch, {num_sources}] or [{num_sources}] "
@@ -71,7 +78,7 @@ def split_by_task(
         raise EngineError("losses is empty: a step needs at least one sample")
     means = losses.mean(dim=0) if losses.dim() == 2 else losses
     values = means.detach().to(device="cpu", dtype=torch.float64)
-    if not bool(torch.isfinite(values).all()):
+    if check_finite and not bool(torch.isfinite(values).all()):
         k = int((~torch.isfinite(values)).nonzero()[0, 0])
         _checked_mean(means[k], k, names)
     counts = torch.full((num_sources,), losses.shape[0] if losses.dim() == 2 else 1)
@@ -84,8 +91,11 @@ def split_by_source(
     source_ids: torch.Tensor,
     num_sources: int,
     names: Sequence[str] | None = None,
+    *,
+    check_finite: bool = True,
 ) -> SourceLosses:
-    """Validate ``losses`` [N] and ``source_ids`` [N] and average the losses of each source."""
+    """Validate ``losses`` [N] and ``source_ids`` [N] and average the losses of each source
+    (``check_finite``: as in :func:`split_by_task`)."""
     if losses.dim() != 1:
         raise EngineError(
             f"losses must be one loss per sample (1-D), got shape {tuple(losses.shape)}"
@@ -110,7 +120,7 @@ def split_by_source(
     # A few whole-vector operations and one transfer, for any number of sources.
     mean_vector = sums / counts.clamp_min(1).to(device=sums.device, dtype=sums.dtype)
     values = mean_vector.detach().to("cpu", torch.float64)
-    if not bool(torch.isfinite(values).all()):
+    if check_finite and not bool(torch.isfinite(values).all()):
         k = int((~torch.isfinite(values)).nonzero()[0, 0])
         _checked_mean(mean_vector[k], k, names)
     return SourceLosses(mean_vector, counts, losses, ids, values)

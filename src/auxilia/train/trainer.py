@@ -19,13 +19,23 @@ from auxilia.atomic import write_json, write_text
 from auxilia.data.batching import Batch, BatchPlanner, IndexStream
 from auxilia.data.sources import Pair, Source, Target, check_problem, head_outputs, hold_out
 from auxilia.engine import Engine
-from auxilia.errors import ConfigError, DataError, NonFiniteLossError
+from auxilia.errors import ConfigError, DataError, NonFiniteLossError, NonFiniteSourceError
 from auxilia.ledger import Ledger
 from auxilia.models import AuxModel, build_model, build_trunk
 from auxilia.samplers import Sampler, all_sources
 from auxilia.statistics import Need
 from auxilia.strategies import Strategy
 from auxilia.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from auxilia.train.distributed import (
+    barrier,
+    broadcast_parameters,
+    check_world,
+    join,
+    local_device,
+    reduce_sums,
+    shard,
+    share,
+)
 from auxilia.train.progress import TrainingProgress
 
 OptimizerName = Literal["sgd", "adam", "adamw"]
@@ -49,6 +59,7 @@ class TrainSettings:
     eval_batch_size: int = 1024
     engine_mode: str = "auto"
     holdout: float = 0.1  # share of the target's train set held out, for strategies that need it
+    timeout: float = 300.0  # seconds a collective waits for the other processes (torchrun)
 
     def __post_init__(self) -> None:
         for name in (
@@ -63,6 +74,8 @@ class TrainSettings:
                 raise ConfigError(
                     f"train.{name}: expected an integer >= 1, got {getattr(self, name)}"
                 )
+        if not (self.timeout > 0 and math.isfinite(self.timeout)):
+            raise ConfigError(f"train.timeout: expected a positive number, got {self.timeout}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"train.lr: expected a positive number, got {self.lr}")
         try:
@@ -119,10 +132,13 @@ class Trainer:
         self.sampler = sampler or all_sources()
         self.settings = settings or TrainSettings()
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.quiet = quiet
         self.names = [target.name] + [s.name for s in self.sources]
         self.kinds = [target.kind] + [s.kind for s in self.sources]
-        self.device = torch.device(self.settings.device)
+        self.device = local_device(torch.device(self.settings.device))
+        # Under torchrun: every rank runs this same trainer on its share of each batch.
+        self.place = join(self.device, self.settings.timeout)
+        check_world(self.place, target.batch_size)
+        self.quiet = quiet or not self.place.writes
 
         torch.manual_seed(self.settings.seed)
         heads = {target.name: target.outputs}
@@ -130,6 +146,8 @@ class Trainer:
         trunk_module = build_trunk(trunk, tuple(target.train[0].shape[1:]), trunk_params or {})
         model = build_model(trunk_module, target.train[0][0], heads).to(self.device)
         self.model: AuxModel = model.train()  # train_step calls train() only after an eval
+        if self.place.distributed:
+            broadcast_parameters(self.model)
         shared = list(self.model.trunk.parameters())
         self.target_head_shared = any(s.head == "target" for s in self.sources)
         if self.target_head_shared:
@@ -150,6 +168,7 @@ class Trainer:
             mode=self.settings.engine_mode,
             extra_needs={Need.LOSSES, Need.TARGET_ROW} | self.sampler.needs,
             names=self.names,
+            distributed=self.place.distributed,
         )
         self.optimizer = self._optimizer()
         self._stepped: list[torch.Tensor] = list(self.model.parameters())  # grads to clear
@@ -225,6 +244,7 @@ class Trainer:
         held: Pair | None = None
         if self.holdout is not None and self.holdout_stream is not None:
             rows = self.holdout_stream.take(min(self.target.batch_size, len(self.holdout[1])))
+            rows = rows[share(len(rows), self.place)]  # every rank draws all, keeps its share
             held = (self.holdout[0][rows].to(x.dtype), self.holdout[1][rows])
             x = torch.cat([x, held[0].to(self.device)])  # one forward: one graph for the engine
         features = self.model(x)
@@ -233,6 +253,8 @@ class Trainer:
             target_outputs = self.model.heads[self.target.name](features)
         losses, ids = [], []
         for segment in batch.segments:
+            if segment.rows.stop == segment.rows.start:  # none of its rows on this rank
+                continue
             if target_outputs is not None and segment.head == self.target.name:
                 outputs = target_outputs[segment.rows]
             else:
@@ -240,9 +262,10 @@ class Trainer:
             loss = per_sample_loss(
                 self.kinds[segment.source], outputs, segment.labels.to(self.device)
             )
-            mean = float(loss.detach().mean())
-            if not math.isfinite(mean):
-                raise NonFiniteLossError(step, self.names[segment.source], mean)
+            if not self.place.distributed:  # across processes the engine checks global means
+                mean = float(loss.detach().mean())
+                if not math.isfinite(mean):
+                    raise NonFiniteLossError(step, self.names[segment.source], mean)
             losses.append(loss)
             ids.append(torch.full((loss.shape[0],), segment.source, dtype=torch.int64))
         validation = None
@@ -259,7 +282,7 @@ class Trainer:
     def train_step(self, step: int) -> torch.Tensor:
         """Draw, forward, measure, weight, step; returns the coefficients of this step."""
         drawn, self.sampler_state = self.sampler.draw(self.sampler_state, self.coefficients)
-        batch = self.planner.next(drawn)
+        batch = shard(self.planner.next(drawn), self.place)
         if not self.model.training:  # train() visits every module: one head per source
             self.model.train()
         params = self._step_params(batch)
@@ -267,7 +290,10 @@ class Trainer:
             param.grad = None
         losses, ids, validation = self._losses(batch, step)
         lr = float(self.optimizer.param_groups[0]["lr"])
-        alpha = self.engine.backward(losses, ids, lr=lr, validation=validation)
+        try:
+            alpha = self.engine.backward(losses, ids, lr=lr, validation=validation)
+        except NonFiniteSourceError as error:
+            raise NonFiniteLossError(step, error.source, error.value) from error
         self._optimizer_step(params)
         self._stepped = params
         assert self.engine.last_statistics is not None
@@ -285,7 +311,9 @@ class Trainer:
         """The target metric (accuracy or mean squared error) on ``split``."""
         self.model.eval()
         x, y = split
-        total, count = 0.0, 0
+        rows = share(len(x), self.place)  # across processes each rank scores its share
+        x, y = x[rows], y[rows]
+        total, count = 0.0, 0.0
         head = self.model.heads[self.target.name]
         for start in range(0, len(x), self.settings.eval_batch_size):
             xb = x[start : start + self.settings.eval_batch_size].to(self.device)
@@ -297,6 +325,7 @@ class Trainer:
                 total += float(per_sample_loss("regression", out, yb).sum())
             count += len(xb)
         self.model.train()
+        total, count = reduce_sums([total, float(count)], self.place, self.device)
         return total / count
 
     # ---- state ----------------------------------------------------------------------------
@@ -343,6 +372,8 @@ class Trainer:
         start, wall_before = 0, 0.0
         if out is not None:
             start, wall_before = self._prepare_run_dir(out, resume)
+            barrier(self.place)  # rank 0 has laid out the run directory
+        writes = out is not None and self.place.writes
         began = time.perf_counter()
         metric = metric_name(self.target)
         with TrainingProgress(
@@ -363,16 +394,19 @@ class Trainer:
                     progress.advance(step, f"val {metric} {value:.4f}")
                 else:
                     progress.advance(step)
-                if out is not None and record is not None:
+                if writes and record is not None:
+                    assert out is not None
                     with open(out / "metrics.jsonl", "a", encoding="utf-8") as handle:
                         handle.write(json.dumps(record) + "\n")
-                if out is not None and (step % s.checkpoint_every == 0 or step == s.steps):
+                if writes and (step % s.checkpoint_every == 0 or step == s.steps):
+                    assert out is not None
                     wall = wall_before + time.perf_counter() - began
                     save_checkpoint(
                         out / "checkpoints", step, self.state_dict(step, wall), s.keep_checkpoints
                     )
         results = self._results(wall_before + time.perf_counter() - began)
-        if out is not None:
+        if writes:
+            assert out is not None
             write_json(out / "results.json", results)
             from auxilia.report import render_report
 
@@ -380,6 +414,9 @@ class Trainer:
         return results
 
     def _prepare_run_dir(self, out: Path, resume: bool) -> tuple[int, float]:
+        """Check the run directory (every rank, so that all stop alike) and lay it out or load
+        its last checkpoint; only the writing rank changes files."""
+        writes = self.place.writes
         if out.exists() and not out.is_dir():
             raise ConfigError(f"run directory {out} exists and is not a directory")
         checkpoints = list_checkpoints(out / "checkpoints")
@@ -389,9 +426,10 @@ class Trainer:
                     f"run directory {out} already holds a run; pass --resume to continue it "
                     "or choose another --out"
                 )
-            out.mkdir(parents=True, exist_ok=True)
-            write_text(out / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
-            (out / "metrics.jsonl").write_text("", encoding="utf-8")
+            if writes:
+                out.mkdir(parents=True, exist_ok=True)
+                write_text(out / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
+                (out / "metrics.jsonl").write_text("", encoding="utf-8")
             return 0, 0.0
         if not checkpoints:
             raise ConfigError(f"--resume: no checkpoint in {out / 'checkpoints'}")
@@ -402,9 +440,10 @@ class Trainer:
                 f"{int(state['step'])}; resume with at least that many steps"
             )
         step = self.load_state_dict(state)
-        write_text(out / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
-        (out / "results.json").unlink(missing_ok=True)
-        self._truncate_metrics(out / "metrics.jsonl", step)
+        if writes:
+            write_text(out / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
+            (out / "results.json").unlink(missing_ok=True)
+            self._truncate_metrics(out / "metrics.jsonl", step)
         return step, float(state["wall_seconds"])
 
     @staticmethod
