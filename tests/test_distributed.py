@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -250,6 +251,16 @@ def test_resume_on_another_number_of_processes(tmp_path: Path) -> None:
     for name, value in final_parameters(straight).items():
         torch.testing.assert_close(final_parameters(resumed)[name], value, rtol=1e-4, atol=1e-5)
     assert [r["step"] for r in metric_lines(resumed)] == list(range(1, 11))
+
+
+def test_the_documented_loop_runs_on_two_processes(tmp_path: Path) -> None:
+    """docs/distributed.md's own-loop example (which checks itself against one process)."""
+    text = (REPO_ROOT / "docs" / "distributed.md").read_text(encoding="utf-8")
+    (block,) = re.findall(r"```python\n(.*?)```", text, re.S)
+    script = tmp_path / "example.py"
+    script.write_text(block, encoding="utf-8")
+    done = torchrun(script)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 # ---- failures -------------------------------------------------------------------------------
