@@ -5,6 +5,7 @@ Every error names the key and what was expected, on one line (``ConfigError``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -133,6 +134,37 @@ class TrainConfig(_Strict):
         return value
 
 
+class SelectionConfig(_Strict):
+    """``auxilia select``: the scoring method, the budget and the warm-up (``auxilia run``
+    ignores this section)."""
+
+    method: str = "gradient"
+    params: dict[str, Any] = Field(default_factory=dict)
+    budget: int | float = 0.1
+    warmup_steps: int = Field(default=200, ge=1)
+    checkpoints: int = Field(default=4, ge=1)
+    warmup_samples: int = Field(default=2000, ge=1)
+    batch_size: int = Field(default=256, ge=1)
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, value: int | float) -> int | float:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"a count must be >= 1, got {value}")
+        if isinstance(value, float) and not 0.0 < value <= 1.0:
+            raise ValueError(f"a fraction must be in (0, 1], got {value}")
+        return value
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, value: str) -> str:
+        from auxilia.selection import METHODS
+
+        if value not in METHODS:
+            raise ValueError(f"unknown method '{value}'; expected one of: {', '.join(METHODS)}")
+        return value
+
+
 class RunConfig(_Strict):
     """A whole run: target, sources, model, strategy, sampler and training settings."""
 
@@ -142,6 +174,7 @@ class RunConfig(_Strict):
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    select: SelectionConfig | None = None
 
     @model_validator(mode="after")
     def _names(self) -> RunConfig:
@@ -275,6 +308,85 @@ def build_source(config: SourceConfig, base: Path) -> Source:
     )
 
 
+def resolved_config(config: RunConfig, base: Path) -> dict[str, Any]:
+    """The config as plain data with every data path made absolute (as written to runs)."""
+    resolved = config.model_dump(mode="json")
+    if resolved.get("select") is None:
+        resolved.pop("select", None)
+    for entry, key in [(resolved["target"], k) for k in ("train", "val", "test")] + [
+        (s, k) for s in resolved["sources"] for k in ("data", "labels")
+    ]:
+        if entry.get(key):
+            entry[key] = str((base / entry[key]).resolve())
+    return resolved
+
+
+def build_selection(config: RunConfig, base: Path) -> SelectionJob:
+    """The target, the pools (every dataset source, streamed from its file) and the model of
+    ``auxilia select``, from a run config with a ``select`` section."""
+    from auxilia.data.sources import output_size
+    from auxilia.models import build_model, build_trunk
+    from auxilia.selection import ClassifierLearner, Pool, SelectSettings
+
+    s, t = config.select or SelectionConfig(), config.train
+    target = build_target(config.target, base, t.seed)
+    pools = [
+        Pool(
+            c.name,
+            head=c.head,
+            path=base / c.data,
+            label_column=c.label_column,
+            feature_columns=None if c.feature_columns is None else tuple(c.feature_columns),
+        )
+        for c in config.sources
+        if c.granularity == "dataset" and c.data is not None
+    ]
+    if not pools:
+        raise ConfigError("select: the config has no dataset source to select samples from")
+    heads = {target.name: target.outputs}
+    kinds = {target.name: target.kind}
+    for c, pool in zip(
+        [c for c in config.sources if c.granularity == "dataset"], pools, strict=True
+    ):
+        if c.head == "own":
+            labels = [b.y for b in pool.batches(4096)]
+            heads[c.name] = output_size(c.kind, labels, c.num_classes, f"source '{c.name}'")
+            kinds[c.name] = c.kind
+
+    def make_learner() -> ClassifierLearner:
+        trunk = build_trunk(
+            config.model.trunk, tuple(target.train[0].shape[1:]), config.model.params
+        )
+        model = build_model(trunk, target.train[0][0], heads)
+        return ClassifierLearner(model, target.name, kinds)
+
+    settings = SelectSettings(
+        method=s.method,
+        params=dict(s.params),
+        budget=s.budget,
+        warmup_steps=s.warmup_steps,
+        checkpoints=s.checkpoints,
+        warmup_samples=s.warmup_samples,
+        batch_size=s.batch_size,
+        warmup_batch=config.target.batch_size,
+        lr=t.lr,
+        seed=t.seed,
+        device=t.device,
+    )
+    return SelectionJob(target, pools, make_learner, settings, resolved_config(config, base))
+
+
+@dataclass(frozen=True)
+class SelectionJob:
+    """What :func:`build_selection` returns: arguments of :func:`auxilia.selection.select`."""
+
+    target: Target
+    pools: list[Any]
+    make_learner: Any
+    settings: Any
+    config: dict[str, Any]
+
+
 def build_trainer(
     config: RunConfig, base: Path, out_dir: Path | None, *, quiet: bool = False
 ) -> Trainer:
@@ -283,12 +395,7 @@ def build_trainer(
     target = build_target(config.target, base, t.seed)
     sources = [build_source(s, base) for s in config.sources]
     settings = TrainSettings(**t.model_dump())
-    resolved = config.model_dump(mode="json")
-    for entry, key in [(resolved["target"], k) for k in ("train", "val", "test")] + [
-        (s, k) for s in resolved["sources"] for k in ("data", "labels")
-    ]:
-        if entry.get(key):
-            entry[key] = str((base / entry[key]).resolve())
+    resolved = resolved_config(config, base)
     return Trainer(
         target,
         sources,

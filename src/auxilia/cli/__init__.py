@@ -71,6 +71,57 @@ def run(
 
 
 @app.command()
+def select(
+    config: Annotated[
+        Path, typer.Argument(help="YAML run config with a 'select' section (paths relative to it).")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Where the ranking goes (default: runs/<config name>-select)."),
+    ] = None,
+    method: Annotated[str | None, typer.Option("--method", help="Override select.method.")] = None,
+    budget: Annotated[
+        float | None,
+        typer.Option("--budget", help="Override select.budget: a count (>= 1) or a fraction."),
+    ] = None,
+) -> None:
+    """Rank every sample of the config's dataset sources for the target; keep the budget's best.
+
+    Writes ranking.parquet / ranking.csv (rank, source, index, score and its parts),
+    selected/<source>.npz, selection.json and run.yaml (train on the selection with
+    'auxilia run')."""
+    from dataclasses import replace
+
+    from auxilia.config import build_selection, load_config
+    from auxilia.selection import select as run_select
+    from auxilia.selection import write_selection
+
+    parsed = load_config(config)
+    job = build_selection(parsed, config.parent)
+    settings = job.settings
+    if method is not None:
+        settings = replace(settings, method=method, params={})
+    if budget is not None:
+        settings = replace(settings, budget=int(budget) if budget >= 1 else budget)
+    selection = run_select(job.target, job.pools, job.make_learner, settings)
+    out_dir = out if out is not None else Path("runs") / f"{config.stem}-select"
+    if os.environ.get("RANK", "0") != "0":
+        _leave_group()
+        return
+    paths = write_selection(selection, job.pools, out_dir, job.config)
+    counts = selection.counts()
+    shown = ", ".join(f"{name} {c['selected']}/{c['total']}" for name, c in counts.items())
+    typer.echo(f"{selection.method}: selected {selection.budget} samples ({shown})")
+    rate = selection.timing["scoring_samples_per_second"]
+    plain = selection.timing["plain_samples_per_second"]
+    typer.echo(f"scoring {rate:,.0f} samples/s; plain forward+backward {plain:,.0f} samples/s")
+    typer.echo(
+        f"ranking: {paths['parquet']}; train on the selection: auxilia run {paths['config']}"
+    )
+    _leave_group()
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Where the demo writes its runs.")] = Path(
         "runs/demo"

@@ -1,0 +1,475 @@
+"""Scoring methods: how much each auxiliary sample is expected to help the target.
+
+Each method is built by name with keyword parameters (:func:`get`), prepared once on the
+:class:`Context` (the warm-up model, its checkpoints, the target's labels) and then scores the
+pool one batch at a time, returning the score (higher = select first) and the parts of it. A
+method never holds more than one batch of the pool.
+
+| name | rule |
+|---|---|
+| ``gradient`` | LESS / TracIn: Σ_c lr_c · cos(Γ_c(x), ĝ_c), sketched per-sample gradients |
+| ``color-filter`` | CoLoR-Filter: loss under a pool-trained prior − after tuning it on the target |
+| ``tawt`` | TAWT at the sample level: log ω, mirror descent on encoder-gradient cosines |
+| ``embedding`` | cosine of the sample's representation with the target's mean representation |
+| ``loss`` | the warm-up model's loss (``order``: lowest or highest first) |
+| ``random`` | uniform random scores (seeded) |
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from auxilia.engine.mode import ModeContext
+from auxilia.engine.sketch import SketchRunner, allocate, projection_for
+from auxilia.engine.source_losses import split_by_source
+from auxilia.errors import ConfigError
+from auxilia.registry import build
+from auxilia.selection.learner import Learner
+from auxilia.selection.pools import Pool, PoolBatch
+from auxilia.selection.warmup import Checkpoint, Group, warm_up
+
+F64 = torch.float64
+Scores = dict[str, torch.Tensor]
+
+
+@dataclass
+class Context:
+    """What a method is prepared on."""
+
+    learner: Learner  # the model at the end of the warm-up
+    checkpoints: list[Checkpoint]
+    target: Group  # the target's training samples, through its head
+    heads: dict[str, str]  # pool name -> the head its samples go through
+    warm_groups: list[Group]  # the pools' warm-up subsets
+    make_learner: Callable[[], Learner]  # a freshly initialised model (same seed every call)
+    device: torch.device
+    batch_size: int
+    lr: float
+    seed: int
+    pool_index: dict[str, int] = field(default_factory=dict)
+
+
+class Method:
+    """Base of the scoring methods: ``prepare`` once, ``score`` per batch, ``close`` at the end."""
+
+    name = ""
+    needs_warmup = True
+
+    def __init__(self, **params: Any) -> None:
+        self.params = params
+
+    def prepare(self, context: Context) -> None:
+        self.context = context
+
+    def start_pool(self, pool: Pool) -> None:
+        """Called before the first batch of ``pool``."""
+
+    def score(self, pool: Pool, batch: PoolBatch) -> Scores:
+        raise NotImplementedError
+
+    def end_pool(self, pool: Pool) -> None:
+        """Called after the last batch of ``pool``."""
+
+    def finish(self, scores: Scores) -> Scores:
+        """Adjust the whole pool's scores once all are known (e.g. normalise); default: none."""
+        return scores
+
+    def close(self) -> None:
+        """Release hooks and models."""
+
+
+def _cosines(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """cos(features_i, target) in float64; 0 where either vector is exactly zero."""
+    f, t = features.to(F64), target.to(F64)
+    denominator = torch.linalg.vector_norm(f, dim=1) * torch.linalg.vector_norm(t)
+    dots = f @ t
+    return torch.where(
+        denominator > 0, dots / denominator.clamp_min(1e-300), torch.zeros_like(dots)
+    )
+
+
+class _Features:
+    """Projected per-sample gradients of one model on a set of parameters.
+
+    Plain gradients come from the engine's ``sketch`` mode (hooks, one backward, Kronecker
+    projections: the per-sample gradient is never formed). With ``moments`` (LESS's Adam
+    preconditioning) the per-sample gradients are materialised by ``torch.func``, turned into
+    Adam's update direction and projected with the same kind of seeded projections.
+    """
+
+    def __init__(
+        self,
+        learner: Learner,
+        params: list[nn.Parameter],
+        dim: int,
+        seed: int,
+        moments: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None,
+    ) -> None:
+        self.learner = learner
+        self.params = params
+        self.moments = moments
+        module = learner.module
+        if moments is None:
+            every = [p for p in module.parameters() if p.requires_grad]
+            context = ModeContext(module, list(every), list[torch.Tensor](params), "partitioned")
+            self.runner: SketchRunner | None = SketchRunner(context, dim=dim, seed=seed)
+        else:
+            self.runner = None
+            names = {id(p): n for n, p in module.named_parameters()}
+            self.names = [names[id(p)] for p in params]
+            dims = allocate([p.numel() for p in params], dim)
+            self.projections = [
+                projection_for(p.shape, d, seed, i)
+                for i, (p, d) in enumerate(zip(params, dims, strict=True))
+            ]
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, head: str, adam: bool) -> torch.Tensor:
+        """[N, d] projected gradients of each sample's own loss (Adam-transformed if ``adam``)."""
+        if self.runner is not None:
+            losses = self.learner.losses(x, y, head)
+            ids = torch.zeros(len(losses), dtype=torch.int64, device=losses.device)
+            measurement = self.runner.measure(split_by_source(losses, ids, 1), frozenset())
+            return measurement.features.detach()
+        return self._materialised(x, y, head, adam)
+
+    def _materialised(
+        self, x: torch.Tensor, y: torch.Tensor, head: str, adam: bool
+    ) -> torch.Tensor:
+        from torch.func import functional_call, grad, vmap
+
+        wrapper = _LossOf(self.learner, head)
+        fixed = {f"inner.{n}": p.detach() for n, p in self.learner.module.named_parameters()}
+        fixed.update({f"inner.{n}": b for n, b in self.learner.module.named_buffers()})
+        chosen = {f"inner.{n}": fixed[f"inner.{n}"] for n in self.names}
+
+        def one(
+            values: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor
+        ) -> torch.Tensor:
+            out: torch.Tensor = functional_call(
+                wrapper, {**fixed, **values}, (xi.unsqueeze(0), yi.unsqueeze(0))
+            )
+            return out.sum()
+
+        grads = vmap(grad(one), in_dims=(None, 0, 0))(chosen, x, y)
+        parts = []
+        for name, projection in zip(self.names, self.projections, strict=True):
+            g = grads[f"inner.{name}"].detach()
+            if adam and self.moments is not None and name in self.moments:
+                m, v = (t.to(g.device, g.dtype) for t in self.moments[name])
+                beta1, beta2, eps = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults, as in LESS
+                g = (beta1 * m + (1 - beta1) * g) / torch.sqrt(beta2 * v + (1 - beta2) * g**2 + eps)
+            parts.append(_placed(projection, g.dtype, g.device).vector(g))
+        return torch.cat(parts, dim=1)
+
+    def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
+
+
+class _LossOf(nn.Module):
+    """The learner's per-sample losses through ``head`` as one module (for ``torch.func``)."""
+
+    def __init__(self, learner: Learner, head: str) -> None:
+        super().__init__()
+        self.inner = learner.module
+        self.learner = [learner]  # a list: not registered as a submodule a second time
+        self.head = head
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.learner[0].losses(x, y, self.head)
+
+
+def _placed(projection: Any, dtype: torch.dtype, device: torch.device) -> Any:
+    from auxilia.engine.factors import Projection
+
+    def move(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device=device, dtype=dtype)
+
+    return Projection(
+        dim=projection.dim,
+        identity=projection.identity,
+        rows=move(projection.rows),
+        cols=move(projection.cols),
+        dense=move(projection.dense),
+        scale=projection.scale,
+    )
+
+
+class _CheckpointCosines(Method):
+    """cos(per-sample gradient, target gradient) at every warm-up checkpoint."""
+
+    encoder_only = False
+
+    def __init__(self, dim: int = 512, adam: bool = False, **params: Any) -> None:
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        super().__init__(dim=dim, adam=adam, **params)
+        self.dim, self.adam = dim, adam
+        self.models: list[Learner] = []
+        self.open: list[_Features] = []
+        self.targets: list[torch.Tensor] = []
+
+    def prepare(self, context: Context) -> None:
+        super().prepare(context)
+        if not context.checkpoints:
+            raise ConfigError(f"selection method '{self.name}' needs warm-up checkpoints")
+        self.models = [context.learner.clone(c.state) for c in context.checkpoints]
+        for model in self.models:
+            model.module.to(context.device).eval()
+
+    def start_pool(self, pool: Pool) -> None:
+        ctx = self.context
+        head = ctx.heads[pool.name]
+        self.open, self.targets = [], []
+        for model, checkpoint in zip(self.models, ctx.checkpoints, strict=True):
+            params = model.compared(head, encoder_only=self.encoder_only)
+            moments = checkpoint.moments if self.adam else None
+            features = _Features(model, params, self.dim, ctx.seed, moments)
+            target_params = model.compared(head, encoder_only=self.encoder_only)
+            assert [id(p) for p in target_params] == [id(p) for p in params]
+            total, count = None, 0
+            t = ctx.target
+            for start in range(0, len(t.y), ctx.batch_size):
+                x = t.x[start : start + ctx.batch_size].to(ctx.device)
+                y = t.y[start : start + ctx.batch_size].to(ctx.device)
+                f = features(x, y, t.head, adam=False).to(F64).sum(dim=0)  # LESS: plain target
+                total = f if total is None else total + f
+                count += len(y)
+            assert total is not None
+            self.open.append(features)
+            self.targets.append(total / count)
+
+    def cosines(self, pool: Pool, batch: PoolBatch) -> torch.Tensor:
+        """[N, C]: the cosine at each checkpoint."""
+        ctx = self.context
+        head = ctx.heads[pool.name]
+        x, y = batch.x.to(ctx.device), batch.y.to(ctx.device)
+        columns = [
+            _cosines(features(x, y, head, adam=self.adam), target).cpu()
+            for features, target in zip(self.open, self.targets, strict=True)
+        ]
+        return torch.stack(columns, dim=1)
+
+    def end_pool(self, pool: Pool) -> None:
+        for features in self.open:
+            features.close()
+        self.open = []
+
+    def close(self) -> None:
+        self.end_pool(Pool("", data=(torch.zeros(1), torch.zeros(1))))
+        self.models = []
+
+    def parts(self, cosines: torch.Tensor) -> Scores:
+        return {f"cos_step{c.step}": cosines[:, i] for i, c in enumerate(self.context.checkpoints)}
+
+
+class GradientMethod(_CheckpointCosines):
+    """``gradient``: LESS (Xia et al., 2024, "LESS: Selecting Influential Data for Targeted
+    Instruction Tuning") with TracIn's checkpoint sum (Pruthi et al., 2020).
+
+    score(x) = Σ_c lr_c · cos(Γ_c(x), ĝ_c), over the warm-up checkpoints c, where ĝ_c is the
+    target's mean gradient and Γ_c(x) the sample's gradient, both projected to ``dim``
+    coordinates by seeded random projections (the engine's ``sketch`` mode: Kronecker-structured,
+    so per-sample gradients are never formed), on the parameters the sample and the target share
+    (the trunk, and the target's head for pools that use it). ``adam=True`` uses LESS's Adam
+    preconditioning: Γ = m'/√(v' + ε) with m' = β₁m + (1−β₁)g, v' = β₂v + (1−β₂)g² from the
+    checkpoint's Adam moments (the per-sample gradients are then materialised, which costs
+    memory and time; the target side stays a plain gradient, as in LESS). Cosines, not inner
+    products: LESS found that inner products prefer short sequences (small-norm gradients).
+    """
+
+    name = "gradient"
+
+    def __init__(self, dim: int = 512, adam: bool = False) -> None:
+        super().__init__(dim=dim, adam=adam)
+
+    def score(self, pool: Pool, batch: PoolBatch) -> Scores:
+        cosines = self.cosines(pool, batch)
+        lrs = torch.tensor([c.lr for c in self.context.checkpoints], dtype=F64)
+        return {"score": cosines @ lrs, **self.parts(cosines)}
+
+
+class TawtMethod(_CheckpointCosines):
+    """``tawt``: TAWT's weights (Chen et al., ICLR 2022, "Weighted Training for Cross-Task
+    Learning") at the level of samples.
+
+    ω over the pool starts uniform and takes one mirror-descent step per warm-up checkpoint
+    with TAWT's gradient −cos(∇_φ L_target, ∇_φ ℓ_x), on the *encoder* (trunk) parameters φ
+    only, as in the TAWT code: log ω(x) = η Σ_c cos_c + const, η = ``lr`` (1.0, the code's
+    ``weight_lr``). The score is η Σ_c cos_c; ``weight`` is ω, normalised over the whole pool
+    (all sources) once every sample is scored. Unlike ``gradient`` it ignores the heads and the
+    learning rates, so it ranks by how a sample shapes the representation.
+    """
+
+    name = "tawt"
+    encoder_only = True
+
+    def __init__(self, lr: float = 1.0, dim: int = 512) -> None:
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be a positive number, got {lr}")
+        super().__init__(dim=dim, adam=False, lr=lr)
+        self.eta = lr
+
+    def score(self, pool: Pool, batch: PoolBatch) -> Scores:
+        cosines = self.cosines(pool, batch)
+        return {"score": self.eta * cosines.sum(dim=1), **self.parts(cosines)}
+
+    def finish(self, scores: Scores) -> Scores:
+        scores = dict(scores)
+        scores["weight"] = torch.softmax(scores["score"].to(F64), dim=0)
+        return scores
+
+
+class ColorFilterMethod(Method):
+    """``color-filter``: CoLoR-Filter (Brandfonbrener et al., 2024, "CoLoR-Filter: Conditional
+    Loss Reduction Filtering for Targeted Language Model Pre-training").
+
+    score(x) = ℓ(x; θ_prior) − ℓ(x; θ_conditional): θ_prior is a model trained on the pool (the
+    pools' warm-up subsets, equal weights, ``prior_steps`` Adam steps from a fresh
+    initialisation), θ_conditional the same model fine-tuned on the target's labels for
+    ``finetune_steps``. A sample whose loss drops most when the model learns the target is most
+    target-like (the paper's −log-likelihood ratio). Needs only forward passes over the pool.
+    Samples of pools with their own head are compared through that head, which the target never
+    trains: their score reflects the change of the shared trunk only.
+    """
+
+    name = "color-filter"
+
+    def __init__(self, prior_steps: int = 0, finetune_steps: int = 0) -> None:
+        if prior_steps < 0 or finetune_steps < 0:
+            raise ValueError("prior_steps and finetune_steps must be >= 0 (0: the warm-up's)")
+        super().__init__(prior_steps=prior_steps, finetune_steps=finetune_steps)
+
+    def prepare(self, context: Context) -> None:
+        super().prepare(context)
+        warm = context.checkpoints[-1].step if context.checkpoints else 100
+        prior_steps = int(self.params["prior_steps"]) or warm
+        finetune = int(self.params["finetune_steps"]) or max(1, warm // 2)
+
+        def train(learner: Learner, groups: list[Group], steps: int) -> None:
+            warm_up(
+                learner,
+                groups,
+                steps=steps,
+                checkpoints=1,
+                lr=context.lr,
+                batch_size=32,
+                seed=context.seed,
+                device=context.device,
+            )
+
+        self.prior = context.make_learner()
+        train(self.prior, context.warm_groups, prior_steps)
+        self.conditional = self.prior.clone()
+        train(self.conditional, [context.target], finetune)
+        self.prior.module.eval()
+        self.conditional.module.eval()
+
+    @torch.no_grad()
+    def score(self, pool: Pool, batch: PoolBatch) -> Scores:
+        ctx = self.context
+        head = ctx.heads[pool.name]
+        x, y = batch.x.to(ctx.device), batch.y.to(ctx.device)
+        prior = self.prior.losses(x, y, head).to(F64).cpu()
+        conditional = self.conditional.losses(x, y, head).to(F64).cpu()
+        return {"score": prior - conditional, "loss_prior": prior, "loss_conditional": conditional}
+
+
+class EmbeddingMethod(Method):
+    """``embedding`` (baseline): cos(h(x), mean of h over the target's samples), h the
+    warm-up model's representation (the trunk's output)."""
+
+    name = "embedding"
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def prepare(self, context: Context) -> None:
+        super().prepare(context)
+        t = context.target
+        with torch.no_grad():
+            total = None
+            for start in range(0, len(t.y), context.batch_size):
+                rep = (
+                    context.learner.representation(
+                        t.x[start : start + context.batch_size].to(context.device)
+                    )
+                    .to(F64)
+                    .sum(dim=0)
+                )
+                total = rep if total is None else total + rep
+        assert total is not None
+        self.mean = total / len(t.y)
+
+    @torch.no_grad()
+    def score(self, pool: Pool, batch: PoolBatch) -> Scores:
+        rep = self.context.learner.representation(batch.x.to(self.context.device))
+        cosine = _cosines(rep, self.mean).cpu()
+        return {"score": cosine, "cosine": cosine}
+
+
+class LossMethod(Method):
+    """``loss`` (baseline): the warm-up model's loss of the sample, ``order: lowest`` (default:
+    easy, likely clean samples first) or ``highest`` (hard samples first)."""
+
+    name = "loss"
+
+    def __init__(self, order: str = "lowest") -> None:
+        if order not in ("lowest", "highest"):
+            raise ValueError(f"order must be 'lowest' or 'highest', got {order!r}")
+        super().__init__(order=order)
+        self.sign = -1.0 if order == "lowest" else 1.0
+
+    @torch.no_grad()
+    def score(self, pool: Pool, batch: PoolBatch) -> Scores:
+        ctx = self.context
+        loss = (
+            ctx.learner.losses(batch.x.to(ctx.device), batch.y.to(ctx.device), ctx.heads[pool.name])
+            .to(F64)
+            .cpu()
+        )
+        return {"score": self.sign * loss, "loss": loss}
+
+
+class RandomMethod(Method):
+    """``random`` (baseline): uniform scores in [0, 1), seeded by the seed, the pool and the
+    batch's first row (so any process scoring the same batch draws the same numbers)."""
+
+    name = "random"
+    needs_warmup = False
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def score(self, pool: Pool, batch: PoolBatch) -> Scores:
+        k = self.context.pool_index[pool.name]
+        generator = torch.Generator().manual_seed(
+            (self.context.seed * 1_000_003 + k * 7_919 + batch.start) % (2**63)
+        )
+        return {"score": torch.rand(len(batch.y), generator=generator, dtype=F64)}
+
+
+Kind = Literal["gradient", "color-filter", "tawt", "embedding", "loss", "random"]
+METHODS: dict[str, Callable[..., Method]] = {
+    "gradient": GradientMethod,
+    "color-filter": ColorFilterMethod,
+    "tawt": TawtMethod,
+    "embedding": EmbeddingMethod,
+    "loss": LossMethod,
+    "random": RandomMethod,
+}
+
+
+def get(name: str, params: Mapping[str, Any] | None = None) -> Method:
+    """The scoring method ``name`` with ``params``; unknown names or keys name the problem."""
+    return build("selection method", name, METHODS, params)
+
+
+def names() -> Sequence[str]:
+    return list(METHODS)
