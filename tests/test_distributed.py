@@ -10,10 +10,7 @@ the whole run in bounded time with a message naming it, and the last checkpoint 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,37 +25,11 @@ from auxilia.errors import ConfigError, EngineError
 from auxilia.train.checkpoint import list_checkpoints, load_checkpoint
 from auxilia.train.distributed import Place, check_world, shard, share
 from distributed_worker import ENGINE_CASES, engine_case, trainer_case
-from tiny_problem import REPO_ROOT, run_auxilia_process, write_tiny_problem
+from tiny_problem import REPO_ROOT, run_auxilia_process, torchrun, write_tiny_problem
 
 TESTS = Path(__file__).resolve().parent
 if not torch.distributed.is_available():  # pragma: no cover - every CPU wheel has it
     pytest.skip("torch.distributed is not available", allow_module_level=True)
-
-
-def torchrun(
-    *args: str | Path, processes: int = 2, timeout: float = 240
-) -> subprocess.CompletedProcess[str]:
-    """``torchrun --standalone`` (a free port, so tests can run side by side) with ``args``."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(str(p) for p in (REPO_ROOT, TESTS))
-    env["COLUMNS"] = "200"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={processes}",
-        *map(str, args),
-    ]
-    return subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        cwd=REPO_ROOT,
-        env=env,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def assert_close(one: dict[str, Any], many: dict[str, Any], rtol: float, where: str) -> None:

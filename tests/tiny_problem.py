@@ -206,6 +206,32 @@ def run_auxilia_process(*args: str | Path, timeout: float = 120) -> Outcome:
     return Outcome(done.returncode, done.stdout, done.stderr)
 
 
+def torchrun(
+    *args: str | Path, processes: int = 2, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
+    """``torchrun --standalone`` (a free port, so tests can run side by side) with ``args``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(str(p) for p in (REPO_ROOT, REPO_ROOT / "tests"))
+    env["COLUMNS"] = "200"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={processes}",
+        *map(str, args),
+    ]
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def assert_one_line_error(outcome: Outcome, *fragments: str) -> str:
     """Non-zero exit, no traceback, exactly one ``error:`` line on stderr naming ``fragments``."""
     assert outcome.code != 0, outcome

@@ -372,6 +372,7 @@ def build_selection(config: RunConfig, base: Path) -> SelectionJob:
         lr=t.lr,
         seed=t.seed,
         device=t.device,
+        timeout=t.timeout,
     )
     return SelectionJob(target, pools, make_learner, settings, resolved_config(config, base))
 

@@ -28,7 +28,7 @@ from torch import nn
 from auxilia.engine.mode import ModeContext
 from auxilia.engine.sketch import SketchRunner, allocate, projection_for
 from auxilia.engine.source_losses import split_by_source
-from auxilia.errors import ConfigError
+from auxilia.errors import ConfigError, StrategyError
 from auxilia.registry import build
 from auxilia.selection.learner import Learner
 from auxilia.selection.pools import Pool, PoolBatch
@@ -467,8 +467,12 @@ METHODS: dict[str, Callable[..., Method]] = {
 
 
 def get(name: str, params: Mapping[str, Any] | None = None) -> Method:
-    """The scoring method ``name`` with ``params``; unknown names or keys name the problem."""
-    return build("selection method", name, METHODS, params)
+    """The scoring method ``name`` with ``params``; unknown names or keys raise a
+    :class:`~auxilia.errors.ConfigError` naming the problem."""
+    try:
+        return build("selection method", name, METHODS, params)
+    except StrategyError as error:
+        raise ConfigError(str(error)) from error
 
 
 def names() -> Sequence[str]:

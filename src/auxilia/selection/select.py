@@ -29,7 +29,7 @@ from auxilia.selection.learner import Learner
 from auxilia.selection.methods import Context, Method, get
 from auxilia.selection.pools import Pool
 from auxilia.selection.warmup import Group, warm_up
-from auxilia.train.distributed import Place
+from auxilia.train.distributed import Place, join, local_device
 
 F64 = torch.float64
 
@@ -49,6 +49,7 @@ class SelectSettings:
     lr: float = 1e-3
     seed: int = 0
     device: str = "cpu"
+    timeout: float = 300.0  # seconds any collective may wait under torchrun
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, bool) or not isinstance(self.budget, int | float):
@@ -93,12 +94,6 @@ class Selection:
         """The selected rows of ``pool``, sorted."""
         rows = self.table[(self.table["source"] == pool) & self.table["selected"]]["index"]
         return torch.as_tensor(sorted(rows.tolist()), dtype=torch.int64)
-
-
-def _place() -> Place:
-    if dist.is_available() and dist.is_initialized():
-        return Place(int(dist.get_rank()), int(dist.get_world_size()))
-    return Place()
 
 
 def _warm_groups(
@@ -170,8 +165,8 @@ def select(
     if len(set(names)) != len(names) or target.name in names:
         raise DataError(f"select: pool names must be unique and differ from the target's: {names}")
     method: Method = get(settings.method, settings.params)
-    place = _place()
-    device = torch.device(settings.device)
+    device = local_device(torch.device(settings.device))
+    place = join(device, settings.timeout)
     heads = {p.name: target.name if p.head == "target" else p.name for p in pools}
     began = time.perf_counter()
     torch.manual_seed(settings.seed)

@@ -1,0 +1,544 @@
+"""Sample selection (``auxilia select``): each method's exact rule on a hand-checked case, that
+the methods rank helpful samples above harmful ones, the ranking's invariants, streamed file
+pools, the written files (which ``auxilia run`` trains on), and torchrun's merged ranking."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.func import functional_call, grad, vmap
+
+from auxilia.data.files import load_array_file, save_array_file
+from auxilia.data.sources import Target
+from auxilia.errors import ConfigError, DataError
+from auxilia.models import build_model, build_trunk
+from auxilia.selection import (
+    ClassifierLearner,
+    Pool,
+    SelectSettings,
+    get_method,
+    select,
+    write_selection,
+)
+from auxilia.selection.methods import Context
+from auxilia.selection.warmup import Group, checkpoint_steps, warm_up
+from tiny_problem import assert_one_line_error, run_auxilia_process, torchrun, write_tiny_problem
+
+FEATURES, CLASSES = 6, 3
+
+
+def rule(x: torch.Tensor) -> torch.Tensor:
+    return x[:, :CLASSES].argmax(dim=1)
+
+
+def problem(
+    seed: int = 0, rows: int = 60, dtype: torch.dtype = torch.float32
+) -> tuple[Target, list[Pool]]:
+    """A 3-class target (argmax of the first three features); ``helpful`` follows the target's
+    rule, ``harmful`` has every label moved to the next class (a derangement)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(40, FEATURES, generator=g, dtype=dtype)
+    target = Target("t", (x, rule(x)), num_classes=CLASSES, batch_size=16)
+    good = torch.randn(rows, FEATURES, generator=g, dtype=dtype)
+    bad = torch.randn(rows, FEATURES, generator=g, dtype=dtype)
+    pools = [
+        Pool("helpful", data=(good, rule(good))),
+        Pool("harmful", data=(bad, (rule(bad) + 1) % CLASSES)),
+    ]
+    return target, pools
+
+
+def learner_factory(
+    dtype: torch.dtype = torch.float32, heads: dict[str, int] | None = None
+) -> Callable[[], ClassifierLearner]:
+    heads = heads or {"t": CLASSES}
+
+    def make() -> ClassifierLearner:
+        trunk = build_trunk("mlp", (FEATURES,), {"hidden": [8]})
+        model = build_model(trunk, torch.zeros(1, FEATURES), heads).to(dtype)
+        return ClassifierLearner(model, "t", dict.fromkeys(heads, "classification"))
+
+    return make
+
+
+def context_for(
+    target: Target, pools: list[Pool], make: Callable[[], ClassifierLearner], **kw: Any
+) -> Context:
+    """The method's context as :func:`select` builds it, with the warm-up run here."""
+    torch.manual_seed(0)
+    learner = make()
+    tgroup = Group("t", "t", *target.train)
+    warm = [Group(p.name, "t", *p.data) for p in pools if p.data is not None]
+    checkpoints = warm_up(
+        learner,
+        [tgroup, *warm],
+        steps=kw.get("steps", 30),
+        checkpoints=kw.get("checkpoints", 3),
+        lr=0.05,
+        batch_size=16,
+        seed=0,
+        device=torch.device("cpu"),
+    )
+    return Context(
+        learner=learner,
+        checkpoints=checkpoints,
+        target=tgroup,
+        heads={p.name: "t" for p in pools},
+        warm_groups=warm,
+        make_learner=seeded(make),
+        device=torch.device("cpu"),
+        batch_size=kw.get("batch_size", 25),
+        lr=0.05,
+        seed=0,
+        pool_index={p.name: k for k, p in enumerate(pools)},
+    )
+
+
+def seeded(make: Callable[[], ClassifierLearner]) -> Callable[[], ClassifierLearner]:
+    """The same fresh initialisation at every call (as :func:`select` gives the methods)."""
+
+    def fresh() -> ClassifierLearner:
+        torch.manual_seed(1)
+        return make()
+
+    return fresh
+
+
+def per_sample_grads(
+    learner: ClassifierLearner, x: torch.Tensor, y: torch.Tensor, names: list[str]
+) -> torch.Tensor:
+    """[N, P]: each sample's own-loss gradient on the parameters ``names``, by torch.func."""
+    model = learner.model
+    fixed = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss(chosen: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        features = functional_call(model.trunk, _sub(fixed, chosen, "trunk."), (xi.unsqueeze(0),))
+        head = functional_call(model.heads["t"], _sub(fixed, chosen, "heads.t."), (features,))
+        return torch.nn.functional.cross_entropy(head, yi.unsqueeze(0))
+
+    chosen = {n: fixed[n] for n in names}
+    grads = vmap(grad(loss), in_dims=(None, 0, 0))(chosen, x, y)
+    return torch.cat([grads[n].reshape(len(x), -1) for n in names], dim=1)
+
+
+def _sub(fixed: dict[str, torch.Tensor], chosen: dict[str, torch.Tensor], prefix: str) -> Any:
+    merged = {**fixed, **chosen}
+    return {n[len(prefix) :]: v for n, v in merged.items() if n.startswith(prefix)}
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a @ b) / (a.norm(dim=1) * b.norm())
+
+
+def scored(method: Any, pool: Pool, batch_size: int = 25) -> dict[str, torch.Tensor]:
+    method.start_pool(pool)
+    parts = [method.score(pool, batch) for batch in pool.batches(batch_size)]
+    method.end_pool(pool)
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+TRUNK_AND_HEAD = [
+    "trunk.1.weight",
+    "trunk.1.bias",
+    "heads.t.weight",
+    "heads.t.bias",
+]
+
+
+# ---- each method's rule --------------------------------------------------------------------
+
+
+def test_gradient_is_lr_weighted_sum_of_checkpoint_cosines() -> None:
+    """score = Σ_c lr_c cos(g_c(x), mean target gradient at c), with a sketch wide enough to be
+    the identity, equals the cosines of exact per-sample gradients (float64)."""
+    target, pools = problem(dtype=torch.float64)
+    make = learner_factory(torch.float64)
+    ctx = context_for(target, pools, make)
+    method = get_method("gradient", {"dim": 10_000})
+    method.prepare(ctx)
+    got = scored(method, pools[1])
+    x, y = pools[1].data  # type: ignore[misc]
+    expected = torch.zeros(len(y), dtype=torch.float64)
+    for i, checkpoint in enumerate(ctx.checkpoints):
+        model = make()
+        model.module.load_state_dict(checkpoint.state)
+        g = per_sample_grads(model, x, y, TRUNK_AND_HEAD)
+        tx, ty = target.train
+        gt = per_sample_grads(model, tx, ty, TRUNK_AND_HEAD).mean(dim=0)
+        c = cosine(g, gt)
+        torch.testing.assert_close(got[f"cos_step{checkpoint.step}"], c, rtol=1e-9, atol=1e-9)
+        expected += checkpoint.lr * c
+        assert i < len(ctx.checkpoints)
+    torch.testing.assert_close(got["score"], expected, rtol=1e-9, atol=1e-9)
+
+
+def test_gradient_adam_preconditions_the_sample_side_only() -> None:
+    """LESS's Adam transform: Γ = (β₁m + (1−β₁)g) / √(β₂v + (1−β₂)g² + ε) on the pool sample,
+    the target's gradient plain."""
+    target, pools = problem(dtype=torch.float64)
+    make = learner_factory(torch.float64)
+    ctx = context_for(target, pools, make, checkpoints=2)
+    method = get_method("gradient", {"dim": 10_000, "adam": True})
+    method.prepare(ctx)
+    got = scored(method, pools[0])
+    x, y = pools[0].data  # type: ignore[misc]
+    expected = torch.zeros(len(y), dtype=torch.float64)
+    for checkpoint in ctx.checkpoints:
+        model = make()
+        model.module.load_state_dict(checkpoint.state)
+        g = per_sample_grads(model, x, y, TRUNK_AND_HEAD)
+        m = torch.cat([checkpoint.moments[n][0].reshape(-1) for n in TRUNK_AND_HEAD])
+        v = torch.cat([checkpoint.moments[n][1].reshape(-1) for n in TRUNK_AND_HEAD])
+        gamma = (0.9 * m + 0.1 * g) / torch.sqrt(0.999 * v + 0.001 * g**2 + 1e-8)
+        tx, ty = target.train
+        gt = per_sample_grads(model, tx, ty, TRUNK_AND_HEAD).mean(dim=0)
+        expected += checkpoint.lr * cosine(gamma, gt)
+    torch.testing.assert_close(got["score"], expected, rtol=1e-9, atol=1e-9)
+
+
+def test_tawt_uses_encoder_cosines_and_normalises_weights_over_the_pool() -> None:
+    """TAWT: score = η Σ_c cos on the trunk only; ``weight`` = softmax of the scores over all
+    pool samples (mirror descent from uniform)."""
+    target, pools = problem(dtype=torch.float64)
+    make = learner_factory(torch.float64)
+    ctx = context_for(target, pools, make)
+    method = get_method("tawt", {"lr": 0.5, "dim": 10_000})
+    method.prepare(ctx)
+    got = scored(method, pools[0])
+    x, y = pools[0].data  # type: ignore[misc]
+    trunk = TRUNK_AND_HEAD[:2]
+    expected = torch.zeros(len(y), dtype=torch.float64)
+    for checkpoint in ctx.checkpoints:
+        model = make()
+        model.module.load_state_dict(checkpoint.state)
+        g = per_sample_grads(model, x, y, trunk)
+        tx, ty = target.train
+        gt = per_sample_grads(model, tx, ty, trunk).mean(dim=0)
+        expected += 0.5 * cosine(g, gt)
+    torch.testing.assert_close(got["score"], expected, rtol=1e-9, atol=1e-9)
+    finished = method.finish({"score": got["score"]})
+    weights = torch.exp(expected) / torch.exp(expected).sum()
+    torch.testing.assert_close(finished["weight"], weights, rtol=1e-9, atol=1e-12)
+    assert float(finished["weight"].sum()) == pytest.approx(1.0)
+
+
+def test_color_filter_is_prior_loss_minus_conditional_loss() -> None:
+    """CoLoR-Filter: the prior trains from a fresh model on the pools only; the conditional
+    model is the prior fine-tuned on the target; score = ℓ_prior − ℓ_conditional."""
+    target, pools = problem(dtype=torch.float64)
+    make = learner_factory(torch.float64)
+    ctx = context_for(target, pools, make, steps=20)
+    method = get_method("color-filter", {"prior_steps": 15, "finetune_steps": 10})
+    method.prepare(ctx)
+    got = scored(method, pools[0])
+    x, y = pools[0].data  # type: ignore[misc]
+    # Rebuild both models by hand: same fresh start, same warm-up routine.
+    fresh = ctx.make_learner()
+    groups = ctx.warm_groups
+    dev = torch.device("cpu")
+    warm_up(fresh, groups, steps=15, checkpoints=1, lr=0.05, batch_size=32, seed=0, device=dev)
+    conditional = fresh.clone()
+    warm_up(
+        conditional,
+        [ctx.target],
+        steps=10,
+        checkpoints=1,
+        lr=0.05,
+        batch_size=32,
+        seed=0,
+        device=dev,
+    )
+    with torch.no_grad():
+        lp = fresh.losses(x, y, "t")
+        lc = conditional.losses(x, y, "t")
+    torch.testing.assert_close(got["loss_prior"], lp, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got["loss_conditional"], lc, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got["score"], lp - lc, rtol=1e-9, atol=1e-9)
+
+
+def test_embedding_and_loss_baselines() -> None:
+    target, pools = problem(dtype=torch.float64)
+    make = learner_factory(torch.float64)
+    ctx = context_for(target, pools, make)
+    x, y = pools[0].data  # type: ignore[misc]
+    with torch.no_grad():
+        rep = ctx.learner.representation(x)
+        mean = ctx.learner.representation(target.train[0]).mean(dim=0)
+        loss = ctx.learner.losses(x, y, "t")
+    embedding = get_method("embedding")
+    embedding.prepare(ctx)
+    torch.testing.assert_close(scored(embedding, pools[0])["score"], cosine(rep, mean))
+    lowest, highest = get_method("loss"), get_method("loss", {"order": "highest"})
+    lowest.prepare(ctx)
+    highest.prepare(ctx)
+    torch.testing.assert_close(scored(lowest, pools[0])["score"], -loss)
+    torch.testing.assert_close(scored(highest, pools[0])["score"], loss)
+
+
+def test_random_is_seeded_uniform_and_needs_no_warmup() -> None:
+    target, pools = problem()
+    settings_ = SelectSettings(method="random", budget=10, seed=3)
+    a = select(target, pools, learner_factory(), settings_)
+    b = select(target, pools, learner_factory(), settings_)
+    c = select(target, pools, learner_factory(), SelectSettings(method="random", seed=4))
+    assert a.table["score"].tolist() == b.table["score"].tolist()
+    assert a.table["score"].tolist() != c.table["score"].tolist()
+    assert a.table["score"].between(0.0, 1.0).all()
+    assert a.timing["warmup_seconds"] < 5  # no warm-up run: only the model is built
+    assert not get_method("random").needs_warmup
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "fragment"),
+    [
+        ("nope", {}, "unknown selection method 'nope'"),
+        ("loss", {"order": "middle"}, "order must be 'lowest' or 'highest'"),
+        ("gradient", {"dims": 8}, "dims"),
+        ("tawt", {"lr": -1.0}, "lr must be a positive number"),
+    ],
+)
+def test_bad_method_names_and_params(name: str, params: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        get_method(name, params)
+
+
+# ---- what selection is for -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "factor"), [("gradient", 3), ("tawt", 3), ("color-filter", 3), ("loss", 1.5)]
+)
+def test_helpful_samples_rank_above_harmful_ones(method: str, factor: float) -> None:
+    """With a pool of half correct and half deranged labels, the top quarter is mostly correct:
+    harmful samples are under-represented by ``factor`` (their share of the pool: 1/2); the
+    ``loss`` baseline, which only sees how well the warm-up model fits, by less."""
+    target, pools = problem(rows=80)
+    selection = select(
+        target,
+        pools,
+        learner_factory(),
+        SelectSettings(method=method, budget=0.25, warmup_steps=60, checkpoints=3, lr=0.02),
+    )
+    top = selection.table[selection.table["selected"]]
+    assert len(top) == 40
+    harmful_share = float((top["source"] == "harmful").mean())
+    assert harmful_share <= 0.5 / factor, f"{method}: {harmful_share:.2f} of the top 25 % harmful"
+
+
+# ---- the ranking ---------------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=3),
+    batch=st.integers(1, 17),
+    budget=st.one_of(st.integers(1, 200), st.floats(0.01, 1.0)),
+)
+def test_ranking_covers_every_sample_once(sizes: list[int], batch: int, budget: Any) -> None:
+    """Every pool row appears once; ranks run 1..N by descending score; the budget's best are
+    selected (a count is capped at the pool; a fraction rounds, at least one)."""
+    target, _ = problem()
+    pools = [
+        Pool(f"p{k}", data=(torch.randn(n, FEATURES), torch.randint(0, CLASSES, (n,))))
+        for k, n in enumerate(sizes)
+    ]
+    s = SelectSettings(method="random", budget=budget, batch_size=batch)
+    table = select(target, pools, learner_factory(), s).table
+    total = sum(sizes)
+    assert len(table) == total
+    assert table["rank"].tolist() == list(range(1, total + 1))
+    assert table["score"].is_monotonic_decreasing
+    for k, n in enumerate(sizes):
+        assert sorted(table[table["source"] == f"p{k}"]["index"]) == list(range(n))
+    kept = (
+        min(total, budget) if isinstance(budget, int) else max(1, min(total, round(budget * total)))
+    )
+    assert int(table["selected"].sum()) == kept
+    assert table["selected"].tolist() == [r <= kept for r in table["rank"]]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"budget": 0}, "a count must be >= 1"),
+        ({"budget": 1.5}, "a fraction must be in"),
+        ({"budget": True}, "expected a count or a fraction"),
+        ({"warmup_steps": 0}, "select.warmup_steps"),
+        ({"lr": 0.0}, "select.lr"),
+    ],
+)
+def test_bad_settings(kwargs: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        SelectSettings(**kwargs)
+
+
+def test_bad_pools() -> None:
+    target, pools = problem()
+    with pytest.raises(DataError, match="no auxiliary pool"):
+        select(target, [], learner_factory())
+    with pytest.raises(DataError, match="must be unique"):
+        select(target, [pools[0], pools[0]], learner_factory())
+    with pytest.raises(DataError, match="has no samples"):
+        Pool("empty", data=(torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64)))
+    with pytest.raises(DataError, match="x has 3 rows but y has 2"):
+        Pool("odd", data=(torch.zeros(3, 3), torch.zeros(2, dtype=torch.int64)))
+    bad = Pool("bad", data=(torch.randn(4, FEATURES), torch.tensor([0, 1, 2, 7])))
+    with pytest.raises(DataError, match=r"pool 'bad': label 7 outside the target head's \[0, 3\)"):
+        select(target, [bad], learner_factory(), SelectSettings(method="random"))
+
+
+# ---- streamed file pools ---------------------------------------------------------------------
+
+
+def _frame(x: np.ndarray, y: np.ndarray) -> pd.DataFrame:
+    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(x.shape[1])])
+    frame["y"] = y
+    return frame
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv", ".npz"])
+def test_file_pools_stream_the_same_rows(tmp_path: Path, suffix: str) -> None:
+    """A file pool yields batches of at most ``size`` rows with their global row index, the
+    same samples as the in-memory pool; the ranking from the file equals the in-memory one."""
+    target, pools = problem(rows=2500)
+    x, y = (t.numpy() for t in pools[0].data)  # type: ignore[union-attr]
+    path = tmp_path / f"pool{suffix}"
+    if suffix == ".parquet":
+        _frame(x, y).to_parquet(path, index=False, row_group_size=700)
+    elif suffix == ".csv":
+        _frame(x, y).to_csv(path, index=False)
+    else:
+        save_array_file(path, x, y)
+    pool = Pool("helpful", path=path)
+    assert pool.size() == 2500
+    batches = list(pool.batches(300))
+    assert all(len(b.y) <= 300 for b in batches)
+    assert [b.start for b in batches] == list(np.cumsum([0] + [len(b.y) for b in batches[:-1]]))
+    torch.testing.assert_close(
+        torch.cat([b.x for b in batches]), torch.from_numpy(x), atol=1e-6, rtol=0
+    )
+    assert torch.equal(torch.cat([b.y for b in batches]), torch.from_numpy(y))
+    rows = torch.tensor([0, 5, 1999, 2499])
+    got_x, _ = pool.rows(rows)
+    torch.testing.assert_close(got_x, torch.from_numpy(x)[rows], atol=1e-6, rtol=0)
+    s = SelectSettings(method="loss", budget=0.1, warmup_steps=10, checkpoints=1, batch_size=300)
+    from_file = select(target, [pool], learner_factory(), s).table
+    in_memory = select(target, [pools[0]], learner_factory(), s).table
+    assert from_file["index"].tolist() == in_memory["index"].tolist()
+
+
+def test_file_pool_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="file does not exist"):
+        Pool("p", path=tmp_path / "missing.parquet")
+    text = tmp_path / "pool.csv"
+    text.write_text("a,y\nhello,1\n")
+    with pytest.raises(DataError, match="column 'a' is not numeric"):
+        list(Pool("p", path=text).batches(8))
+    with pytest.raises(DataError, match="label column 'label' not found"):
+        list(Pool("p", path=text, label_column="label").batches(8))
+
+
+# ---- the written files and the command --------------------------------------------------------
+
+
+def test_write_selection_files(tmp_path: Path) -> None:
+    target, pools = problem()
+    selection = select(
+        target, pools, learner_factory(), SelectSettings(method="loss", budget=30, warmup_steps=20)
+    )
+    paths = write_selection(selection, pools, tmp_path)
+    parquet = pd.read_parquet(paths["parquet"])
+    csv = pd.read_csv(paths["csv"])
+    assert list(parquet.columns[:5]) == ["rank", "source", "index", "score", "selected"]
+    assert "loss" in parquet.columns
+    assert parquet["index"].tolist() == csv["index"].tolist()
+    summary = json.loads(paths["summary"].read_text())
+    assert summary["budget"] == 30
+    assert sum(c["selected"] for c in summary["sources"].values()) == 30
+    for pool in pools:
+        rows = selection.selected_rows(pool.name)
+        if len(rows) == 0:
+            assert not (tmp_path / "selected" / f"{pool.name}.npz").exists()
+            continue
+        loaded = load_array_file(tmp_path / "selected" / f"{pool.name}.npz")
+        assert pool.data is not None
+        np.testing.assert_array_equal(loaded.x, pool.data[0][rows].numpy())
+        np.testing.assert_array_equal(loaded.y, pool.data[1][rows].numpy())
+
+
+def _select_config(folder: Path, **select_: Any) -> Path:
+    changes = {"select": {"warmup_steps": 30, "checkpoints": 2, "budget": 0.25, **select_}}
+    return write_tiny_problem(folder, changes)
+
+
+def test_select_command_writes_a_run_config_that_trains(tmp_path: Path) -> None:
+    """``auxilia select`` ranks the dataset sources; ``auxilia run`` trains on its run.yaml:
+    the selected samples as sources, task sources kept, the select section dropped."""
+    config = _select_config(tmp_path)
+    out = tmp_path / "sel"
+    done = run_auxilia_process("select", config, "--out", out, "--method", "gradient")
+    assert done.code == 0, done.stderr
+    assert "gradient: selected 20 samples" in done.stdout
+    assert "samples/s" in done.stdout
+    run = yaml.safe_load((out / "run.yaml").read_text())
+    assert "select" not in run
+    names = [s["name"] for s in run["sources"]]
+    assert "parity" in names  # a task source is not a pool: kept as it was
+    summary = json.loads((out / "selection.json").read_text())
+    for source in run["sources"]:
+        if source["granularity"] == "dataset":
+            data = out / source["data"]
+            assert data.parent == out / "selected"
+            rows = len(load_array_file(data).y)  # type: ignore[arg-type]
+            assert rows == summary["sources"][source["name"]]["selected"]
+    trained = run_auxilia_process("run", out / "run.yaml", "--out", tmp_path / "run", "--quiet")
+    assert trained.code == 0, trained.stderr
+    assert (tmp_path / "run" / "results.json").exists()
+
+
+def test_select_command_errors(tmp_path: Path) -> None:
+    config = _select_config(tmp_path, method="magic")
+    assert_one_line_error(run_auxilia_process("select", config), "select.method", "magic")
+    config = _select_config(tmp_path / "b")
+    assert_one_line_error(
+        run_auxilia_process("select", config, "--budget", "0"), "select.budget", "got 0"
+    )
+    no_pools = write_tiny_problem(
+        tmp_path / "c",
+        {"sources": [{"name": "parity", "granularity": "task", "labels": "data/parity.npz"}]},
+    )
+    assert_one_line_error(run_auxilia_process("select", no_pools), "no dataset source")
+
+
+def test_torchrun_merged_ranking_equals_one_process(tmp_path: Path) -> None:
+    """Two processes score alternate batches and rank 0 merges: the same ranking, the same
+    scores (to float rounding) and the same selected files as one process."""
+    config = _select_config(tmp_path, batch_size=8, method="gradient")
+    one, two = tmp_path / "one", tmp_path / "two"
+    done = run_auxilia_process("select", config, "--out", one)
+    assert done.code == 0, done.stderr
+    many = torchrun("-m", "auxilia", "select", config, "--out", two)
+    assert many.returncode == 0, many.stderr[-3000:]
+    a, b = pd.read_parquet(one / "ranking.parquet"), pd.read_parquet(two / "ranking.parquet")
+    assert a[["source", "index", "selected"]].equals(b[["source", "index", "selected"]])
+    np.testing.assert_allclose(a["score"], b["score"], rtol=1e-6, atol=1e-9)
+    assert json.loads((two / "selection.json").read_text())["timing"]["world"] == 2.0
+    assert sorted(p.name for p in (two / "selected").iterdir()) == sorted(
+        p.name for p in (one / "selected").iterdir()
+    )
+
+
+def test_checkpoint_steps_are_evenly_spaced_and_end_at_the_last_step() -> None:
+    assert checkpoint_steps(200, 4) == [50, 100, 150, 200]
+    assert checkpoint_steps(3, 5) == [1, 2, 3]
+    assert checkpoint_steps(10, 1) == [10]
