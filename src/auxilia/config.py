@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import yaml
@@ -26,6 +26,9 @@ from auxilia.data.sources import Pair, Source, Target, split_pair
 from auxilia.engine import MODES
 from auxilia.errors import AuxiliaError, ConfigError, DataError
 from auxilia.train import Trainer, TrainSettings
+
+if TYPE_CHECKING:
+    from auxilia.selection.select import SelectTarget
 
 Kind = Literal["classification", "regression"]
 
@@ -211,6 +214,11 @@ def parse_config(data: Any, origin: str = "config") -> RunConfig:
         raise ConfigError(
             f"{origin}: expected a mapping at the top level, got {type(data).__name__}"
         )
+    if is_language_config(data):
+        raise ConfigError(
+            f"{origin}: model.trunk: '{CAUSAL_LM}' configs are for 'auxilia select' only "
+            "(auxilia run does not train language models)"
+        )
     try:
         config = RunConfig.model_validate(data)
     except ValidationError as error:
@@ -228,6 +236,11 @@ def parse_config(data: Any, origin: str = "config") -> RunConfig:
 
 def load_config(path: str | Path) -> RunConfig:
     """Read and validate a YAML run config (``yaml.safe_load``: no code is executed)."""
+    return parse_config(read_yaml(path), str(path))
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The parsed YAML of ``path`` (``yaml.safe_load``: no code is executed)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -240,7 +253,7 @@ def load_config(path: str | Path) -> RunConfig:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(error, "problem", None) or "invalid YAML"
         raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from error
-    return parse_config(data, str(path))
+    return data
 
 
 def strategy_for(config: RunConfig) -> strategies.Strategy:
@@ -381,11 +394,11 @@ def build_selection(config: RunConfig, base: Path) -> SelectionJob:
 class SelectionJob:
     """What :func:`build_selection` returns: arguments of :func:`auxilia.selection.select`."""
 
-    target: Target
+    target: SelectTarget
     pools: list[Any]
     make_learner: Any
     settings: Any
-    config: dict[str, Any]
+    config: dict[str, Any] | None  # the run config to train on the selection (None: none)
 
 
 def build_trainer(
@@ -409,3 +422,145 @@ def build_trainer(
         config=resolved,
         quiet=quiet,
     )
+
+
+# ---- language models: ``auxilia select`` on text ------------------------------------------
+
+CAUSAL_LM = "causal-lm"
+
+
+def is_language_config(data: Any) -> bool:
+    """Whether parsed YAML describes language-model selection (``model.trunk: causal-lm``)."""
+    model = data.get("model") if isinstance(data, dict) else None
+    return isinstance(model, dict) and model.get("trunk") == CAUSAL_LM
+
+
+class TextTargetConfig(_Strict):
+    """The target of a language model: a text file (``.txt`` a sample per line; ``.jsonl``,
+    ``.csv``, ``.parquet`` a sample per row, in ``text_column``)."""
+
+    name: str = Field(min_length=1)
+    train: str
+    text_column: str = "text"
+    batch_size: int = Field(default=32, ge=1)
+
+
+class TextSourceConfig(_Strict):
+    """A pool of text to select from (a file as for the target)."""
+
+    name: str = Field(min_length=1)
+    data: str
+    text_column: str = "text"
+
+
+class CausalLMParams(_Strict):
+    """The size of the causal language model (a Llama-style transformer over bytes)."""
+
+    layers: int = Field(default=2, ge=1)
+    width: int = Field(default=64, ge=1)
+    heads: int = Field(default=4, ge=1)
+    context: int = Field(default=128, ge=2)
+    mlp: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _shape(self) -> CausalLMParams:
+        from auxilia.selection.language import CausalLMSpec
+
+        try:
+            CausalLMSpec(**self.model_dump())
+        except ConfigError as error:
+            raise ValueError(str(error)) from error
+        return self
+
+
+class CausalLMConfig(_Strict):
+    """``trunk: causal-lm``: a language model built from ``params`` (no weights downloaded)."""
+
+    trunk: Literal["causal-lm"]
+    params: CausalLMParams = Field(default_factory=CausalLMParams)
+
+
+class LanguageTrainConfig(_Strict):
+    """What the warm-up of language-model selection takes from ``train``."""
+
+    lr: float = Field(default=1e-3, gt=0)
+    seed: int = 0
+    device: str = "cpu"
+
+
+class LanguageConfig(_Strict):
+    """``auxilia select`` for a causal language model: a text target and text pools."""
+
+    target: TextTargetConfig
+    sources: list[TextSourceConfig] = Field(min_length=1)
+    model: CausalLMConfig
+    train: LanguageTrainConfig = Field(default_factory=LanguageTrainConfig)
+    select: SelectionConfig = Field(default_factory=SelectionConfig)
+
+    @model_validator(mode="after")
+    def _names(self) -> LanguageConfig:
+        names = [self.target.name] + [s.name for s in self.sources]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"source name '{name}' is used twice")
+        return self
+
+
+def parse_language_config(data: Any, origin: str = "config") -> LanguageConfig:
+    """Validate a parsed YAML mapping describing language-model selection."""
+    try:
+        return LanguageConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(f"{origin}: {_format(error)}") from error
+
+
+def build_language_selection(config: LanguageConfig, base: Path) -> SelectionJob:
+    """The text target, the text pools (streamed) and the causal LM of ``auxilia select``."""
+    from auxilia.selection.language import (
+        CausalLMSpec,
+        LanguageModelLearner,
+        transformers_missing,
+    )
+    from auxilia.selection.select import SelectSettings
+    from auxilia.selection.text import TextPool, load_text_target
+    from auxilia.selection.tokens import ByteTokenizer
+
+    missing = transformers_missing()
+    if missing is not None:
+        raise ConfigError(f"model.trunk: {missing}")
+    spec = CausalLMSpec(**config.model.params.model_dump())
+    tokenizer = ByteTokenizer(spec.context)
+    t, s = config.target, config.select
+    target = load_text_target(t.name, base / t.train, t.text_column, tokenizer)
+    pools = [
+        TextPool(c.name, path=base / c.data, text_column=c.text_column, tokenizer=tokenizer)
+        for c in config.sources
+    ]
+
+    def make_learner() -> LanguageModelLearner:
+        return LanguageModelLearner(spec.build())
+
+    settings = SelectSettings(
+        method=s.method,
+        params=dict(s.params),
+        budget=s.budget,
+        warmup_steps=s.warmup_steps,
+        checkpoints=s.checkpoints,
+        warmup_samples=s.warmup_samples,
+        batch_size=s.batch_size,
+        warmup_batch=t.batch_size,
+        lr=config.train.lr,
+        seed=config.train.seed,
+        device=config.train.device,
+    )
+    return SelectionJob(target, pools, make_learner, settings, None)
+
+
+def load_selection(path: str | Path) -> SelectionJob:
+    """The job of ``auxilia select CONFIG``: a run config (dataset sources are the pools) or a
+    language-model config (``model.trunk: causal-lm``, text pools)."""
+    path = Path(path)
+    data = read_yaml(path)
+    if is_language_config(data):
+        return build_language_selection(parse_language_config(data, str(path)), path.parent)
+    return build_selection(parse_config(data, str(path)), path.parent)

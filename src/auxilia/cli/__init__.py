@@ -89,15 +89,15 @@ def select(
 
     Writes ranking.parquet / ranking.csv (rank, source, index, score and its parts),
     selected/<source>.npz, selection.json and run.yaml (train on the selection with
-    'auxilia run')."""
+    'auxilia run'). A language-model config (model.trunk: causal-lm) selects text:
+    selected/<source>.jsonl, no run.yaml."""
     from dataclasses import replace
 
-    from auxilia.config import build_selection, load_config
+    from auxilia.config import load_selection
     from auxilia.selection import select as run_select
     from auxilia.selection import write_selection
 
-    parsed = load_config(config)
-    job = build_selection(parsed, config.parent)
+    job = load_selection(config)
     settings = job.settings
     if method is not None:
         settings = replace(settings, method=method, params={})
@@ -115,9 +115,12 @@ def select(
     rate = selection.timing["scoring_samples_per_second"]
     plain = selection.timing["plain_samples_per_second"]
     typer.echo(f"scoring {rate:,.0f} samples/s; plain forward+backward {plain:,.0f} samples/s")
-    typer.echo(
-        f"ranking: {paths['parquet']}; train on the selection: auxilia run {paths['config']}"
-    )
+    if "config" in paths:
+        typer.echo(
+            f"ranking: {paths['parquet']}; train on the selection: auxilia run {paths['config']}"
+        )
+    else:
+        typer.echo(f"ranking: {paths['parquet']}; selected text: {out_dir / 'selected'}")
     _leave_group()
 
 

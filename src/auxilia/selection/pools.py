@@ -16,7 +16,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from auxilia.data.files import _PARSE_ERRORS, _one_line, _suffix, load_array_file
+from auxilia.data.files import (
+    _PARSE_ERRORS,
+    _one_line,
+    _suffix,
+    load_array_file,
+    save_array_file,
+)
 from auxilia.errors import DataError
 
 Head = Literal["target", "own"]
@@ -154,6 +160,13 @@ class Pool:
         if not xs:
             return torch.zeros(0), torch.zeros(0, dtype=torch.int64)
         return torch.cat(xs), torch.cat(ys)
+
+    def save(self, rows: torch.Tensor, directory: Path) -> Path:
+        """Write the samples at the sorted pool ``rows`` to ``directory/<name>.npz``."""
+        x, y = self.rows(rows)
+        path = directory / f"{self.name}.npz"
+        save_array_file(path, x.numpy(), y.numpy())
+        return path
 
 
 def _integral(y: np.ndarray) -> np.ndarray:

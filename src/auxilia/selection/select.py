@@ -15,15 +15,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 import yaml
 
 from auxilia.atomic import write_json, write_text, write_with
-from auxilia.data.files import save_array_file
-from auxilia.data.sources import Target
 from auxilia.errors import ConfigError, DataError
 from auxilia.selection.learner import Learner
 from auxilia.selection.methods import Context, Method, get
@@ -32,6 +30,23 @@ from auxilia.selection.warmup import Group, warm_up
 from auxilia.train.distributed import Place, join, local_device
 
 F64 = torch.float64
+
+
+class SelectTarget(Protocol):
+    """What :func:`select` needs of the target: a :class:`~auxilia.data.sources.Target` or a
+    :class:`~auxilia.selection.text.TextTarget`."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def train(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def outputs(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -150,7 +165,7 @@ def plain_throughput(
 
 
 def select(
-    target: Target,
+    target: SelectTarget,
     pools: Sequence[Pool],
     make_learner: Callable[[], Learner],
     settings: SelectSettings | None = None,
@@ -285,8 +300,9 @@ def write_selection(
     out: Path,
     config: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """Write ``ranking.parquet``, ``ranking.csv``, ``selected/<pool>.npz``, ``selection.json``
-    and, given the run config the pools came from, ``run.yaml`` training on the selection."""
+    """Write ``ranking.parquet``, ``ranking.csv``, ``selected/<pool>.npz`` (text pools:
+    ``.jsonl``), ``selection.json`` and, given the run config the pools came from, ``run.yaml``
+    training on the selection."""
     out.mkdir(parents=True, exist_ok=True)
     table = selection.table
     paths = {"parquet": out / "ranking.parquet", "csv": out / "ranking.csv"}
@@ -297,9 +313,7 @@ def write_selection(
         rows = selection.selected_rows(pool.name)
         if len(rows) == 0:
             continue
-        x, y = pool.rows(rows)
-        path = out / "selected" / f"{pool.name}.npz"
-        save_array_file(path, x.numpy(), y.numpy())
+        path = pool.save(rows, out / "selected")
         files[pool.name] = str(path.relative_to(out))
     if config is not None:
         paths["config"] = out / "run.yaml"
