@@ -101,7 +101,12 @@ class _Features:
     projections: the per-sample gradient is never formed). With ``moments`` (LESS's Adam
     preconditioning) the per-sample gradients are materialised by ``torch.func``, turned into
     Adam's update direction and projected with the same kind of seeded projections.
+    ``verify``: before the first batch through each head, check the sketch's hooks against
+    ``exact`` on the first ``CHECKED`` samples (a mismatch is an error naming the module); the
+    scoring runner itself does not check, since its checks cost an N×N kernel per batch shape.
     """
+
+    CHECKED = 32
 
     def __init__(
         self,
@@ -110,15 +115,22 @@ class _Features:
         dim: int,
         seed: int,
         moments: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None,
+        verify: bool = True,
     ) -> None:
         self.learner = learner
         self.params = params
         self.moments = moments
         module = learner.module
+        self.verify, self.checked = verify, set[str]()
         if moments is None:
             every = [p for p in module.parameters() if p.requires_grad]
-            context = ModeContext(module, list(every), list[torch.Tensor](params), "partitioned")
-            self.runner: SketchRunner | None = SketchRunner(context, dim=dim, seed=seed)
+            self.mode_context = ModeContext(
+                module, list(every), list[torch.Tensor](params), "partitioned"
+            )
+            self.dim, self.seed = dim, seed
+            self.runner: SketchRunner | None = SketchRunner(
+                self.mode_context, dim=dim, seed=seed, verify=False
+            )
         else:
             self.runner = None
             names = {id(p): n for n, p in module.named_parameters()}
@@ -132,11 +144,27 @@ class _Features:
     def __call__(self, x: torch.Tensor, y: torch.Tensor, head: str, adam: bool) -> torch.Tensor:
         """[N, d] projected gradients of each sample's own loss (Adam-transformed if ``adam``)."""
         if self.runner is not None:
+            if self.verify and head not in self.checked:
+                self._check(x[: self.CHECKED], y[: self.CHECKED], head)
             losses = self.learner.losses(x, y, head)
             ids = torch.zeros(len(losses), dtype=torch.int64, device=losses.device)
             measurement = self.runner.measure(split_by_source(losses, ids, 1), frozenset())
             return measurement.features.detach()
         return self._materialised(x, y, head, adam)
+
+    def _check(self, x: torch.Tensor, y: torch.Tensor, head: str) -> None:
+        """Measure a few samples with a checking runner (its hooks replace the scoring one's)."""
+        assert self.runner is not None
+        self.runner.close()
+        checking = SketchRunner(self.mode_context, dim=self.dim, seed=self.seed, verify=True)
+        try:
+            losses = self.learner.losses(x, y, head)
+            ids = torch.zeros(len(losses), dtype=torch.int64, device=losses.device)
+            checking.measure(split_by_source(losses, ids, 1), frozenset())
+        finally:
+            checking.close()
+        self.checked.add(head)
+        self.runner = SketchRunner(self.mode_context, dim=self.dim, seed=self.seed, verify=False)
 
     def _materialised(
         self, x: torch.Tensor, y: torch.Tensor, head: str, adam: bool
@@ -214,6 +242,7 @@ class _CheckpointCosines(Method):
         self.models: list[Learner] = []
         self.open: list[_Features] = []
         self.targets: list[torch.Tensor] = []
+        self.verified: set[str] = set()  # heads whose hooks were checked against exact
 
     def prepare(self, context: Context) -> None:
         super().prepare(context)
@@ -230,7 +259,9 @@ class _CheckpointCosines(Method):
         for model, checkpoint in zip(self.models, ctx.checkpoints, strict=True):
             params = model.compared(head, encoder_only=self.encoder_only)
             moments = checkpoint.moments if self.adam else None
-            features = _Features(model, params, self.dim, ctx.seed, moments)
+            verify = head not in self.verified  # the first checkpoint's runner checks
+            self.verified.add(head)
+            features = _Features(model, params, self.dim, ctx.seed, moments, verify)
             target_params = model.compared(head, encoder_only=self.encoder_only)
             assert [id(p) for p in target_params] == [id(p) for p in params]
             total, count = None, 0
