@@ -140,7 +140,12 @@ def _broadcast(learner: Learner, context: Context, place: Place) -> None:
 
 
 def plain_throughput(
-    learner: Learner, pool: Pool, head: str, batch_size: int, device: torch.device, batches: int = 20
+    learner: Learner,
+    pool: Pool,
+    head: str,
+    batch_size: int,
+    device: torch.device,
+    batches: int = 20,
 ) -> float:
     """Samples per second of a plain forward + backward pass of ``learner`` on ``pool``."""
     model = learner.clone()
