@@ -80,6 +80,16 @@ def oracle_fraction(value: float, baseline: float, oracle: float, min_gain: floa
     return (value - baseline) / gain
 
 
+def better_sign(metric: str) -> float:
+    """+1 where larger is better (accuracy), -1 where smaller is (mse)."""
+    return 1.0 if metric == "accuracy" else -1.0
+
+
+def points_scale(metric: str) -> float:
+    """Reporting units: accuracy in points (×100), other metrics as they are."""
+    return 100.0 if metric == "accuracy" else 1.0
+
+
 def mean_or_none(values: Sequence[float | None]) -> float | None:
     kept = [v for v in values if v is not None and math.isfinite(v)]
     return statistics.fmean(kept) if kept else None

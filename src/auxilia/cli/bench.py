@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from auxilia.errors import ConfigError
+
+if TYPE_CHECKING:
+    from auxilia.bench.workers import Progress
 
 bench_app = typer.Typer(
     help="Benchmarks: how step cost scales (e.g. with the number of sources).",
@@ -336,32 +341,12 @@ def quality(
     import sys
 
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-    from rich.progress import Progress as RichProgress
     from rich.table import Table
 
     from auxilia import samplers, strategies
-    from auxilia.bench.quality import (
-        Progress,
-        QualitySettings,
-        default_cache,
-        run_quality,
-        write_report,
-    )
-    from auxilia.bench.scenarios import SCENARIOS, SUITES
+    from auxilia.bench.quality import QualitySettings, default_cache, run_quality, write_report
 
-    if scenario_names:
-        chosen = _split_values(scenario_names)
-        suite_label = "custom"
-    else:
-        if suite not in SUITES:
-            raise ConfigError(f"--suite: expected one of {', '.join(SUITES)}, got {suite!r}")
-        chosen, suite_label = list(SUITES[suite]), suite
-    for name in chosen:
-        if name not in SCENARIOS:
-            raise ConfigError(
-                f"--scenario: unknown scenario {name!r}; expected one of: {', '.join(SCENARIOS)}"
-            )
+    chosen, suite_label = _scenarios(suite, scenario_names)
     picked = _split_values(strategy_names)
     for name in picked:
         if name not in strategies.names():
@@ -392,26 +377,8 @@ def quality(
         f"scenarios: {', '.join(settings.scenarios)} | {len(settings.strategy_names())} "
         f"strategies | seeds {seeds} | jobs {settings.jobs} | cache {settings.cache}"
     )
-    bar = RichProgress(
-        TextColumn("[bold]quality"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=Console(stderr=True),
-        disable=quiet,
-    )
-
-    class _Shown(Progress):
-        def __init__(self) -> None:
-            super().__init__()
-            self.task = bar.add_task("runs", total=0, info="")
-
-        def changed(self, label: str) -> None:
-            bar.update(self.task, total=self.total, completed=self.done, info=label)
-
-    with bar:
-        report = run_quality(settings, _Shown())
+    with _progress_bar("quality", quiet) as shown:
+        report = run_quality(settings, shown)
     json_path, md_path = write_report(report, out)
     table = Table(title="Standing against the bar (means over scenarios)")
     for column in ("strategy", "worst Δ pt", "oracle fraction", "Spearman credit"):
@@ -429,6 +396,207 @@ def quality(
     for item in report["skipped"]:
         console.print(f"skipped: {item}", markup=False)
     console.print(f"wall time {report['wall_seconds']:.0f} s; wrote {md_path} and {json_path}")
+
+
+@bench_app.command("select")
+def select(
+    suite: Annotated[
+        str,
+        typer.Option(
+            "--suite",
+            help="'quick' (digits, synthetic) or 'full' (the quality benchmark's six "
+            "scenarios). Ignored when --scenario is given.",
+        ),
+    ] = "quick",
+    scenario_names: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--scenario", "--scenarios", help="Scenarios to run (repeat or comma-separate)."
+        ),
+    ] = None,
+    method_names: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--method",
+            "--methods",
+            help="Selection methods (repeat or comma-separate; default: all six). random, the "
+            "baseline, is always run.",
+        ),
+    ] = None,
+    budget_values: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--budgets",
+            "--budget",
+            help="Budgets in percent of the pool, in (0, 100] (default 1,5,10,25,50); "
+            "100 %, the whole pool, is always run.",
+        ),
+    ] = None,
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Seeds 0..N-1 per cell.")] = 3,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            "--steps",
+            min=1,
+            help="Training steps of every run, and warm-up steps of every ranking "
+            "(default: per scenario).",
+        ),
+    ] = None,
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            "--jobs", "--workers", min=1, help="Worker processes (default: the number of cores)."
+        ),
+    ] = None,
+    weighting: Annotated[
+        str,
+        typer.Option(
+            "--weighting",
+            help="'count' (each source weighted by its share of the selection: every selected "
+            "sample counts the same) or 'source' (equal weights per source, as auxilia run).",
+        ),
+    ] = "count",
+    cache: Annotated[
+        Path | None,
+        typer.Option(
+            "--cache",
+            help="Cache of rankings, embeddings and ground truth (default $AUXILIA_CACHE or "
+            "~/.cache/auxilia).",
+        ),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for select.json, select.md and select.png.")
+    ] = Path("runs/bench-select"),
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Scenarios × selection methods × budgets × seeds: the target's test metric after training
+    on the target plus the top k % of the pool, against k % at random, the whole pool and the
+    target alone, and the share of selected samples from harmful sources; writes a Markdown
+    table, a JSON file and a plot of the metric against the budget."""
+    import os
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from auxilia.bench.quality import default_cache
+    from auxilia.bench.select import BUDGETS, SelectBenchSettings, run_select
+    from auxilia.bench.select_report import write_report
+    from auxilia.selection import METHODS
+
+    chosen, suite_label = _scenarios(suite, scenario_names)
+    picked = _split_values(method_names)
+    for name in picked:
+        if name not in METHODS:
+            raise ConfigError(
+                f"--method: unknown selection method {name!r}; expected one of: "
+                f"{', '.join(METHODS)}"
+            )
+    budgets: list[float] = []
+    for value in _split_values(budget_values):
+        try:
+            budget = float(value.rstrip("%"))
+        except ValueError as error:
+            raise ConfigError(f"--budgets: expected percentages, got {value!r}") from error
+        if not 0.0 < budget <= 100.0:
+            raise ConfigError(f"--budgets: {value} is out of range; budgets are in (0, 100]")
+        budgets.append(budget)
+    if weighting not in ("count", "source"):
+        raise ConfigError(f"--weighting: expected 'count' or 'source', got {weighting!r}")
+    settings = SelectBenchSettings(
+        scenarios=tuple(chosen),
+        methods=tuple(picked),
+        budgets=tuple(budgets) if budgets else BUDGETS,
+        seeds=tuple(range(seeds)),
+        steps=steps,
+        jobs=jobs if jobs is not None else (os.cpu_count() or 1),
+        cache=cache if cache is not None else default_cache(),
+        weighting="count" if weighting == "count" else "source",
+        suite=suite_label,
+        command=" ".join(["auxilia bench select", *_options_after("select", sys.argv)]),
+    )
+    console = Console(stderr=False)
+    console.print(
+        f"scenarios: {', '.join(settings.scenarios)} | methods: "
+        f"{', '.join(settings.method_names())} | budgets "
+        f"{', '.join(f'{b:g}' for b in settings.budget_list())} % | seeds {seeds} | jobs "
+        f"{settings.jobs} | cache {settings.cache}"
+    )
+    with _progress_bar("select", quiet) as shown:
+        report = run_select(settings, shown)
+    json_path, md_path, png_path = write_report(report, out)
+    goal = report["goal"]
+    table = Table(title=f"At {goal['budget']:g} % of the pool (means over seeds)")
+    for column in ("scenario", "method", "Δ vs random pt", "Δ vs whole pool pt", "harmful ratio"):
+        table.add_column(column, justify="left" if column in ("scenario", "method") else "right")
+    for c in goal["checks"]:
+        table.add_row(
+            c["scenario"],
+            c["method"],
+            "n/a" if c["delta_random"] is None else f"{c['delta_random']:+.1f}",
+            "n/a" if c["delta_whole_pool"] is None else f"{c['delta_whole_pool']:+.1f}",
+            "n/a" if c["harmful_ratio_worst"] is None else f"{c['harmful_ratio_worst']:.2f}",
+        )
+    console.print(table)
+    met = goal["met"]
+    console.print(
+        f"goal ({goal['method']}): {'n/a' if met is None else 'met' if met else 'not met'}"
+    )
+    for item in report["skipped"]:
+        console.print(f"skipped: {item}", markup=False)
+    console.print(
+        f"wall time {report['wall_seconds']:.0f} s; wrote {md_path}, {json_path} and {png_path}"
+    )
+
+
+def _scenarios(suite: str, names: list[str] | None) -> tuple[list[str], str]:
+    """The scenarios named (suite "custom"), else those of ``suite``; unknown names are errors."""
+    from auxilia.bench.scenarios import SCENARIOS, SUITES
+
+    if names:
+        chosen, label = _split_values(names), "custom"
+    else:
+        if suite not in SUITES:
+            raise ConfigError(f"--suite: expected one of {', '.join(SUITES)}, got {suite!r}")
+        chosen, label = list(SUITES[suite]), suite
+    for name in chosen:
+        if name not in SCENARIOS:
+            raise ConfigError(
+                f"--scenario: unknown scenario {name!r}; expected one of: {', '.join(SCENARIOS)}"
+            )
+    return list(dict.fromkeys(chosen)), label
+
+
+@contextmanager
+def _progress_bar(title: str, quiet: bool) -> Iterator[Progress]:
+    """A :class:`~auxilia.bench.workers.Progress` drawn as a rich bar on stderr (none when
+    ``quiet``), open for the duration of the block."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress as RichProgress
+
+    from auxilia.bench.workers import Progress
+
+    bar = RichProgress(
+        TextColumn(f"[bold]{title}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=Console(stderr=True),
+        disable=quiet,
+    )
+
+    class _Shown(Progress):
+        def __init__(self) -> None:
+            super().__init__()
+            self.task = bar.add_task("jobs", total=0, info="")
+
+        def changed(self, label: str) -> None:
+            bar.update(self.task, total=self.total, completed=self.done, info=label)
+
+    with bar:
+        yield _Shown()
 
 
 def _options_after(command: str, argv: list[str]) -> list[str]:
