@@ -266,6 +266,8 @@ class Dense2D(Factor):
     def _project_weight(self, p: Projection) -> torch.Tensor:
         if p.identity:
             return self._weight_rows(0, self.rows)
+        if self.groups == 1:  # the common case as 2-D matmuls and one bmm (no 4-D einsum)
+            return p.keep(self._project_ungrouped(p))
         a = self.a.expand(self.rows, -1, -1, -1) if self.shared else self.a
         pa = a if p.cols is None else a @ p.cols.T  # [R, T, G, v]
         if p.rows is None:  # u runs over (g, o)
@@ -273,6 +275,16 @@ class Dense2D(Factor):
         pr = p.rows.view(-1, self.groups, self.dout)
         pb = torch.einsum("rtgo,ugo->rtgu", self.b, pr)
         return p.keep(torch.einsum("rtgu,rtgv->ruv", pb, pa))
+
+
+    def _project_ungrouped(self, p: Projection) -> torch.Tensor:
+        """[R, u, v] = Σ_t (rows b_t)(cols a_t)ᵀ for a single group, on views of A and B as
+        they are laid out (unfolded patches are position-minor: no copy of them is made);
+        inputs shared by every row are projected once."""
+        a, b = self.a[:, :, 0], self.b[:, :, 0]  # [Ra, T, din], [R, T, dout]
+        pa = a if p.cols is None else torch.matmul(a, p.cols.T)
+        pb = b if p.rows is None else torch.matmul(b, p.rows.T)
+        return torch.matmul(pb.transpose(1, 2), pa.expand(self.rows, -1, -1))
 
 
 class EmbeddingRows(Factor):
