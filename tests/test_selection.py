@@ -542,3 +542,27 @@ def test_checkpoint_steps_are_evenly_spaced_and_end_at_the_last_step() -> None:
     assert checkpoint_steps(200, 4) == [50, 100, 150, 200]
     assert checkpoint_steps(3, 5) == [1, 2, 3]
     assert checkpoint_steps(10, 1) == [10]
+
+
+def test_select_speed_bench_writes_one_record_per_case(tmp_path: Path) -> None:
+    """``python -m auxilia.bench.select_speed`` on a tiny grid: one record per trunk, method,
+    checkpoint count and batch size, with both throughputs and their ratio."""
+    from auxilia.bench.select_speed import main
+
+    out = tmp_path / "speed.json"
+    main(
+        [
+            "--trunks", "mlp", "--methods", "gradient,loss", "--checkpoints", "1,2",
+            "--batch-sizes", "64", "--pool", "192", "--json", str(out),
+        ]
+    )  # fmt: skip
+    records = json.loads(out.read_text())["records"]
+    cases = [(r["method"], r["checkpoints"]) for r in records]
+    assert cases == [("gradient", 1), ("gradient", 2), ("loss", None)]
+    for r in records:
+        assert r["scoring_samples_per_second"] > 0
+        assert r["plain_samples_per_second"] > 0
+        assert r["ratio"] == pytest.approx(
+            r["scoring_samples_per_second"] / r["plain_samples_per_second"]
+        )
+    assert records[1]["ratio_per_pass"] == pytest.approx(2 * records[1]["ratio"])
