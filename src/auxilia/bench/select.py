@@ -47,7 +47,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 
@@ -63,9 +63,6 @@ from auxilia.data.sources import Source, Target, head_outputs
 from auxilia.errors import ConfigError
 from auxilia.models import build_model, build_trunk
 from auxilia.selection import METHODS, ClassifierLearner, Pool, SelectSettings, select
-
-if TYPE_CHECKING:
-    pass
 
 SCHEMA = "auxilia.bench.select/1"
 BUDGETS = (1.0, 5.0, 10.0, 25.0, 50.0)  # percent of the pool
