@@ -164,7 +164,7 @@ def test_gradient_is_lr_weighted_sum_of_checkpoint_cosines() -> None:
     target, pools = problem(dtype=torch.float64)
     make = learner_factory(torch.float64)
     ctx = context_for(target, pools, make)
-    method = get_method("gradient", {"dim": 10_000})
+    method = get_method("gradient", {"dim": 10_000, "subtasks": "none"})
     method.prepare(ctx)
     got = scored(method, pools[1])
     x, y = pools[1].data  # type: ignore[misc]
@@ -188,7 +188,7 @@ def test_gradient_adam_preconditions_the_sample_side_only() -> None:
     target, pools = problem(dtype=torch.float64)
     make = learner_factory(torch.float64)
     ctx = context_for(target, pools, make, checkpoints=2)
-    method = get_method("gradient", {"dim": 10_000, "adam": True})
+    method = get_method("gradient", {"dim": 10_000, "adam": True, "subtasks": "none"})
     method.prepare(ctx)
     got = scored(method, pools[0])
     x, y = pools[0].data  # type: ignore[misc]
@@ -204,6 +204,40 @@ def test_gradient_adam_preconditions_the_sample_side_only() -> None:
         gt = per_sample_grads(model, tx, ty, TRUNK_AND_HEAD).mean(dim=0)
         expected += checkpoint.lr * cosine(gamma, gt)
     torch.testing.assert_close(got["score"], expected, rtol=1e-9, atol=1e-9)
+
+
+def test_gradient_subtasks_take_the_best_target_class() -> None:
+    """``subtasks: auto`` on a classification target: score = max over the target's classes j
+    of Σ_c lr_c cos(g_c(x), mean gradient of the target's class-j samples at c)."""
+    target, pools = problem(dtype=torch.float64)
+    make = learner_factory(torch.float64)
+    ctx = context_for(target, pools, make)
+    method = get_method("gradient", {"dim": 10_000})
+    method.prepare(ctx)
+    got = scored(method, pools[0])
+    x, y = pools[0].data  # type: ignore[misc]
+    tx, ty = target.train
+    per_class = torch.zeros(len(y), CLASSES, dtype=torch.float64)
+    for checkpoint in ctx.checkpoints:
+        model = make()
+        model.module.load_state_dict(checkpoint.state)
+        g = per_sample_grads(model, x, y, TRUNK_AND_HEAD)
+        gt = per_sample_grads(model, tx, ty, TRUNK_AND_HEAD)
+        for j in range(CLASSES):
+            per_class[:, j] += checkpoint.lr * cosine(g, gt[ty == j].mean(dim=0))
+    best, chosen = per_class.max(dim=1)
+    torch.testing.assert_close(got["score"], best, rtol=1e-9, atol=1e-9)
+    assert torch.equal(got["subtask"], chosen)
+
+
+def test_gradient_subtasks_need_a_classification_target() -> None:
+    target, pools = problem()
+    ctx = context_for(target, pools, learner_factory())
+    ctx.target_kind = "regression"
+    with pytest.raises(ConfigError, match="subtasks 'classes' needs a classification target"):
+        get_method("gradient", {"subtasks": "classes"}).prepare(ctx)
+    with pytest.raises(ConfigError, match="subtasks must be"):
+        get_method("gradient", {"subtasks": "labels"})
 
 
 def test_tawt_uses_encoder_cosines_and_normalises_weights_over_the_pool() -> None:

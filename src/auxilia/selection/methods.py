@@ -53,6 +53,7 @@ class Context:
     lr: float
     seed: int
     pool_index: dict[str, int] = field(default_factory=dict)
+    target_kind: str = "classification"  # the target's kind: "classification", "regression", ...
 
 
 class Method:
@@ -89,6 +90,18 @@ def _cosines(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     f, t = features.to(F64), target.to(F64)
     denominator = torch.linalg.vector_norm(f, dim=1) * torch.linalg.vector_norm(t)
     dots = f @ t
+    return torch.where(
+        denominator > 0, dots / denominator.clamp_min(1e-300), torch.zeros_like(dots)
+    )
+
+
+def _cosine_matrix(features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[N, J]: cos(features_i, targets_j) in float64; 0 where either vector is exactly zero."""
+    f, t = features.to(F64), targets.to(F64).to(features.device)
+    denominator = torch.linalg.vector_norm(f, dim=1, keepdim=True) * torch.linalg.vector_norm(
+        t, dim=1
+    )
+    dots = f @ t.T
     return torch.where(
         denominator > 0, dots / denominator.clamp_min(1e-300), torch.zeros_like(dots)
     )
@@ -234,14 +247,19 @@ class _CheckpointCosines(Method):
 
     encoder_only = False
 
-    def __init__(self, dim: int = 512, adam: bool = False, **params: Any) -> None:
+    def __init__(
+        self, dim: int = 512, adam: bool = False, subtasks: str = "none", **params: Any
+    ) -> None:
         if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
+        if subtasks not in ("auto", "classes", "none"):
+            raise ValueError(f"subtasks must be 'auto', 'classes' or 'none', got {subtasks!r}")
         super().__init__(dim=dim, adam=adam, **params)
-        self.dim, self.adam = dim, adam
+        self.dim, self.adam, self.subtasks = dim, adam, subtasks
         self.models: list[Learner] = []
         self.open: list[_Features] = []
-        self.targets: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []  # per checkpoint: [J, d], one row per subtask
+        self.labels: list[int] = []  # the target class of each subtask (J = 1: none)
         self.verified: set[str] = set()  # heads whose hooks were checked against exact
 
     def prepare(self, context: Context) -> None:
@@ -251,6 +269,14 @@ class _CheckpointCosines(Method):
         self.models = [context.learner.clone(c.state) for c in context.checkpoints]
         for model in self.models:
             model.module.to(context.device).eval()
+        classification = context.target_kind == "classification"
+        if self.subtasks == "classes" and not classification:
+            raise ConfigError(
+                f"selection method '{self.name}': subtasks 'classes' needs a classification "
+                f"target, not {context.target_kind}"
+            )
+        by_class = self.subtasks == "classes" or (self.subtasks == "auto" and classification)
+        self.labels = sorted({int(v) for v in context.target.y.tolist()}) if by_class else []
 
     def start_pool(self, pool: Pool) -> None:
         ctx = self.context
@@ -264,25 +290,38 @@ class _CheckpointCosines(Method):
             features = _Features(model, params, self.dim, ctx.seed, moments, verify)
             target_params = model.compared(head, encoder_only=self.encoder_only)
             assert [id(p) for p in target_params] == [id(p) for p in params]
-            total, count = None, 0
-            t = ctx.target
-            for start in range(0, len(t.y), ctx.batch_size):
-                x = t.x[start : start + ctx.batch_size].to(ctx.device)
-                y = t.y[start : start + ctx.batch_size].to(ctx.device)
-                f = features(x, y, t.head, adam=False).to(F64).sum(dim=0)  # LESS: plain target
-                total = f if total is None else total + f
-                count += len(y)
-            assert total is not None
             self.open.append(features)
-            self.targets.append(total / count)
+            self.targets.append(self._target_means(features))
+
+    def _target_means(self, features: _Features) -> torch.Tensor:
+        """[J, d]: the target's mean projected gradient, per class (J classes) or over all."""
+        ctx, t = self.context, self.context.target
+        rows = max(1, len(self.labels))
+        index = {label: j for j, label in enumerate(self.labels)}
+        total = torch.zeros(rows, 0, dtype=F64)
+        count = torch.zeros(rows, dtype=F64)
+        for start in range(0, len(t.y), ctx.batch_size):
+            x = t.x[start : start + ctx.batch_size].to(ctx.device)
+            y = t.y[start : start + ctx.batch_size].to(ctx.device)
+            f = features(x, y, t.head, adam=False).to(F64).cpu()  # LESS: a plain target side
+            j = (
+                torch.tensor([index[int(v)] for v in y.tolist()])
+                if self.labels
+                else torch.zeros(len(y), dtype=torch.int64)
+            )
+            if total.shape[1] == 0:
+                total = torch.zeros(rows, f.shape[1], dtype=F64)
+            total.index_add_(0, j, f)
+            count.index_add_(0, j, torch.ones(len(y), dtype=F64))
+        return total / count.clamp_min(1.0).unsqueeze(1)
 
     def cosines(self, pool: Pool, batch: PoolBatch) -> torch.Tensor:
-        """[N, C]: the cosine at each checkpoint."""
+        """[N, C, J]: the cosine at each checkpoint with each subtask's target gradient."""
         ctx = self.context
         head = ctx.heads[pool.name]
         x, y = batch.x.to(ctx.device), batch.y.to(ctx.device)
         columns = [
-            _cosines(features(x, y, head, adam=self.adam), target).cpu()
+            _cosine_matrix(features(x, y, head, adam=self.adam), target).cpu()
             for features, target in zip(self.open, self.targets, strict=True)
         ]
         return torch.stack(columns, dim=1)
@@ -313,17 +352,31 @@ class GradientMethod(_CheckpointCosines):
     checkpoint's Adam moments (the per-sample gradients are then materialised, which costs
     memory and time; the target side stays a plain gradient, as in LESS). Cosines, not inner
     products: LESS found that inner products prefer short sequences (small-norm gradients).
+
+    Subtasks, as in LESS (which scores against each validation subtask and keeps the maximum):
+    score(x) = max_j Σ_c lr_c · cos(Γ_c(x), ĝ_c^j). ``subtasks: auto`` (the default) takes the
+    target's classes as subtasks for a classification target (ĝ^j: the mean gradient of the
+    target's samples of class j; the column ``subtask`` names the class chosen) and the whole
+    target otherwise; ``none`` compares with the mean over all target samples. Against that one
+    mean, the samples that align best are those of the class the model fits worst (its
+    gradient dominates the mean), so a top-k collapses onto one class.
     """
 
     name = "gradient"
 
-    def __init__(self, dim: int = 512, adam: bool = False) -> None:
-        super().__init__(dim=dim, adam=adam)
+    def __init__(self, dim: int = 512, adam: bool = False, subtasks: str = "auto") -> None:
+        super().__init__(dim=dim, adam=adam, subtasks=subtasks)
 
     def score(self, pool: Pool, batch: PoolBatch) -> Scores:
-        cosines = self.cosines(pool, batch)
+        cosines = self.cosines(pool, batch)  # [N, C, J]
         lrs = torch.tensor([c.lr for c in self.context.checkpoints], dtype=F64)
-        return {"score": cosines @ lrs, **self.parts(cosines)}
+        per_subtask = torch.einsum("ncj,c->nj", cosines, lrs)
+        best, chosen = per_subtask.max(dim=1)
+        at_best = cosines.gather(2, chosen.view(-1, 1, 1).expand(-1, cosines.shape[1], 1))
+        out = {"score": best, **self.parts(at_best[:, :, 0])}
+        if self.labels:
+            out["subtask"] = torch.tensor(self.labels, dtype=torch.int64)[chosen]
+        return out
 
 
 class TawtMethod(_CheckpointCosines):
@@ -348,7 +401,7 @@ class TawtMethod(_CheckpointCosines):
         self.eta = lr
 
     def score(self, pool: Pool, batch: PoolBatch) -> Scores:
-        cosines = self.cosines(pool, batch)
+        cosines = self.cosines(pool, batch)[:, :, 0]  # one subtask: the whole target
         return {"score": self.eta * cosines.sum(dim=1), **self.parts(cosines)}
 
     def finish(self, scores: Scores) -> Scores:

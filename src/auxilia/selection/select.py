@@ -223,6 +223,7 @@ def select(
         lr=settings.lr,
         seed=settings.seed,
         pool_index={p.name: k for k, p in enumerate(pools)},
+        target_kind=target.kind,
     )
     _broadcast(learner, context, place)
     warm_seconds = time.perf_counter() - began
