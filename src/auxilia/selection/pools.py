@@ -96,7 +96,7 @@ class Pool:
                 for name in (*features, label):
                     if not pd.api.types.is_numeric_dtype(part[name]):
                         raise DataError(f"{self.path}: column '{name}' is not numeric")
-                x = part[features].to_numpy(np.float32)
+                x = part[features].to_numpy(np.float32, copy=True)  # Arrow's may be read-only
                 y = part[label].to_numpy()
                 if not np.isfinite(x).all():
                     raise DataError(f"{self.path}: non-finite feature values near row {start}")
