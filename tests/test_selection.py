@@ -431,6 +431,18 @@ def test_bad_pools() -> None:
         select(target, [bad], learner_factory(), SelectSettings(method="random"))
 
 
+def test_non_finite_scores_name_the_pool_row() -> None:
+    target, pools = problem()
+    x, y = pools[0].data  # type: ignore[misc]
+    x = x.clone()
+    x[7, 0] = float("inf")
+    bad = Pool("bad", data=(x, y))
+    settings_ = SelectSettings(method="loss", warmup_steps=5, checkpoints=1, warmup_samples=3)
+    message = "pool 'bad': method 'loss' gave a non-finite score to row 7"
+    with pytest.raises(DataError, match=message):
+        select(target, [bad], learner_factory(), settings_)
+
+
 # ---- streamed file pools ---------------------------------------------------------------------
 
 

@@ -242,6 +242,7 @@ def select(
                 start = time.perf_counter()
                 scores = method.score(pool, batch)
                 scoring_seconds += time.perf_counter() - start
+                _check_finite(pool, batch.start, scores["score"], method.name)
                 samples += len(batch.y)
                 rows = torch.arange(batch.start, batch.start + len(batch.y))
                 scored.append({"source": torch.full_like(rows, k), "index": rows, **scores})
@@ -273,6 +274,17 @@ def select(
     frame.insert(4, "selected", frame["rank"] <= budget)
     timing["total_seconds"] = time.perf_counter() - began
     return Selection(frame, method.name, dict(method.params), budget, timing)
+
+
+def _check_finite(pool: Pool, start: int, score: torch.Tensor, method: str) -> None:
+    """A NaN or infinite score (a non-finite loss or gradient) names the pool row."""
+    bad = (~torch.isfinite(score)).nonzero()
+    if len(bad):
+        row = start + int(bad[0])
+        raise DataError(
+            f"pool '{pool.name}': method '{method}' gave a non-finite score to row {row} "
+            "(its loss or gradient is NaN or infinite); check that sample and the model"
+        )
 
 
 def _check_labels(pool: Pool, y: torch.Tensor, outputs: int) -> None:
