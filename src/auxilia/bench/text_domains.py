@@ -119,7 +119,8 @@ def write_text_demo(
     lr: float = 3e-3,
 ) -> Path:
     """Write ``target.txt`` (``target`` reviews), ``pool.jsonl`` (``pool``: snippets per domain,
-    shuffled; reviews disjoint from the target's) and ``select.yaml``; return the config."""
+    shuffled; reviews disjoint from the target's) and ``select.yaml`` (``color-filter``, the
+    method that finds the reviews here; see docs/select-language.md); return the config."""
     mix = dict(POOL_MIX if pool is None else pool)
     domains = text_domains()
     rng = np.random.default_rng(seed)
@@ -151,7 +152,7 @@ def write_text_demo(
         "select": dict(
             select
             or {
-                "method": "gradient",
+                "method": "color-filter",
                 "budget": 0.1,
                 "warmup_steps": 200,
                 "checkpoints": 4,

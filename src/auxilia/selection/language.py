@@ -109,7 +109,8 @@ def _trimmed(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 class LanguageModelLearner:
     """A causal LM as selection sees it: the loss of a sample is its mean next-token negative
     log-likelihood over its real tokens (padding excluded); the representation is the mean of
-    the last hidden state over them; every parameter is shared (one output head)."""
+    the last hidden state over them; every parameter is shared (one output head, so ``head``
+    is not used)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.module: nn.Module = model

@@ -130,7 +130,8 @@ def _first_line(err: BaseException) -> str:
 class TextPool(Pool):
     """A pool of text samples from ``path``: batches of byte tokens (``x`` ids, ``y`` lengths).
 
-    ``head`` is always the target's (a language model has one output head).
+    ``head`` is always the target's (a language model has one output head); the tensor and
+    column fields of :class:`Pool` (``data``, ``label_column``, ``feature_columns``) are unused.
     """
 
     text_column: str = "text"
