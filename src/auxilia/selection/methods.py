@@ -18,6 +18,7 @@ method never holds more than one batch of the pool.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -197,7 +198,9 @@ class _Features:
             )
             return out.sum()
 
-        grads = vmap(grad(one), in_dims=(None, 0, 0))(chosen, x, y)
+        with warnings.catch_warnings():  # vmap over CPU attention kernels says it falls back
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            grads = vmap(grad(one), in_dims=(None, 0, 0))(chosen, x, y)
         parts = []
         for name, projection in zip(self.names, self.projections, strict=True):
             g = grads[f"inner.{name}"].detach()
