@@ -28,7 +28,7 @@ from auxilia.errors import AuxiliaError, ConfigError, DataError
 from auxilia.train import Trainer, TrainSettings
 
 if TYPE_CHECKING:
-    from auxilia.selection.select import SelectTarget
+    from auxilia.selection.select import SelectSettings, SelectTarget
 
 Kind = Literal["classification", "regression"]
 
@@ -157,6 +157,28 @@ class SelectionConfig(_Strict):
         if isinstance(value, float) and not 0.0 < value <= 1.0:
             raise ValueError(f"a fraction must be in (0, 1], got {value}")
         return value
+
+    def settings(
+        self, *, warmup_batch: int, lr: float, seed: int, device: str, timeout: float = 300.0
+    ) -> SelectSettings:
+        """The settings of :func:`auxilia.selection.select`, with what the run config's other
+        sections give (the warm-up's batch, learning rate, seed, device and timeout)."""
+        from auxilia.selection import SelectSettings
+
+        return SelectSettings(
+            method=self.method,
+            params=dict(self.params),
+            budget=self.budget,
+            warmup_steps=self.warmup_steps,
+            checkpoints=self.checkpoints,
+            warmup_samples=self.warmup_samples,
+            batch_size=self.batch_size,
+            warmup_batch=warmup_batch,
+            lr=lr,
+            seed=seed,
+            device=device,
+            timeout=timeout,
+        )
 
     @field_validator("method")
     @classmethod
@@ -339,7 +361,7 @@ def build_selection(config: RunConfig, base: Path) -> SelectionJob:
     ``auxilia select``, from a run config with a ``select`` section."""
     from auxilia.data.sources import output_size
     from auxilia.models import build_model, build_trunk
-    from auxilia.selection import ClassifierLearner, Pool, SelectSettings
+    from auxilia.selection import ClassifierLearner, Pool
 
     s, t = config.select or SelectionConfig(), config.train
     target = build_target(config.target, base, t.seed)
@@ -373,14 +395,7 @@ def build_selection(config: RunConfig, base: Path) -> SelectionJob:
         model = build_model(trunk, target.train[0][0], heads)
         return ClassifierLearner(model, target.name, kinds)
 
-    settings = SelectSettings(
-        method=s.method,
-        params=dict(s.params),
-        budget=s.budget,
-        warmup_steps=s.warmup_steps,
-        checkpoints=s.checkpoints,
-        warmup_samples=s.warmup_samples,
-        batch_size=s.batch_size,
+    settings = s.settings(
         warmup_batch=config.target.batch_size,
         lr=t.lr,
         seed=t.seed,
@@ -521,7 +536,6 @@ def build_language_selection(config: LanguageConfig, base: Path) -> SelectionJob
         LanguageModelLearner,
         transformers_missing,
     )
-    from auxilia.selection.select import SelectSettings
     from auxilia.selection.text import TextPool, load_text_target
     from auxilia.selection.tokens import ByteTokenizer
 
@@ -540,18 +554,9 @@ def build_language_selection(config: LanguageConfig, base: Path) -> SelectionJob
     def make_learner() -> LanguageModelLearner:
         return LanguageModelLearner(spec.build())
 
-    settings = SelectSettings(
-        method=s.method,
-        params=dict(s.params),
-        budget=s.budget,
-        warmup_steps=s.warmup_steps,
-        checkpoints=s.checkpoints,
-        warmup_samples=s.warmup_samples,
-        batch_size=s.batch_size,
-        warmup_batch=t.batch_size,
-        lr=config.train.lr,
-        seed=config.train.seed,
-        device=config.train.device,
+    train = config.train
+    settings = s.settings(
+        warmup_batch=t.batch_size, lr=train.lr, seed=train.seed, device=train.device
     )
     return SelectionJob(target, pools, make_learner, settings, None)
 

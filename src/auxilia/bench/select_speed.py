@@ -15,6 +15,7 @@ and one backward pass per checkpoint. torch is pinned to ``--threads`` threads.
 from __future__ import annotations
 
 import argparse
+import functools
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from auxilia.selection import ClassifierLearner, Pool, SelectSettings, select
 GRADIENT_METHODS = ("gradient", "tawt")
 
 
+@functools.lru_cache(maxsize=4)  # every case of a trunk reads the same digits
 def _problem(trunk: str, pool_size: int) -> tuple[Target, Pool, tuple[int, ...]]:
     x_all, y_all = load_mnist_5000()
     shape: tuple[int, ...] = (784,) if trunk == "mlp" else (1, 28, 28)

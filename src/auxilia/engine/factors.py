@@ -51,6 +51,21 @@ class Projection:
     dense: torch.Tensor | None = None
     scale: float = 1.0
 
+    def to(self, dtype: torch.dtype, device: torch.device) -> Projection:
+        """This projection with its matrices in ``dtype`` on ``device``."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device=device, dtype=dtype)
+
+        return Projection(
+            dim=self.dim,
+            identity=self.identity,
+            rows=move(self.rows),
+            cols=move(self.cols),
+            dense=move(self.dense),
+            scale=self.scale,
+        )
+
     def keep(self, per_row: torch.Tensor) -> torch.Tensor:
         """Keep ``dim`` coordinates of [R, u, v] Kronecker outputs and scale them."""
         flat = per_row.reshape(per_row.shape[0], -1)

@@ -165,19 +165,7 @@ class SketchRunner:
             if index not in self._cpu:
                 shape = self.capture.shared[index].shape
                 self._cpu[index] = projection_for(shape, self.dims[index], self.seed, index)
-            p = self._cpu[index]
-
-            def move(t: torch.Tensor | None) -> torch.Tensor | None:
-                return None if t is None else t.to(device=device, dtype=dtype)
-
-            self._placed[key] = Projection(
-                dim=p.dim,
-                identity=p.identity,
-                rows=move(p.rows),
-                cols=move(p.cols),
-                dense=move(p.dense),
-                scale=p.scale,
-            )
+            self._placed[key] = self._cpu[index].to(dtype, device)
         return self._placed[key]
 
     def features(self, step: Step) -> torch.Tensor:

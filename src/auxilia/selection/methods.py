@@ -86,16 +86,6 @@ class Method:
         """Release hooks and models."""
 
 
-def _cosines(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """cos(features_i, target) in float64; 0 where either vector is exactly zero."""
-    f, t = features.to(F64), target.to(F64)
-    denominator = torch.linalg.vector_norm(f, dim=1) * torch.linalg.vector_norm(t)
-    dots = f @ t
-    return torch.where(
-        denominator > 0, dots / denominator.clamp_min(1e-300), torch.zeros_like(dots)
-    )
-
-
 def _cosine_matrix(features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """[N, J]: cos(features_i, targets_j) in float64; 0 where either vector is exactly zero."""
     f, t = features.to(F64), targets.to(F64).to(features.device)
@@ -208,7 +198,7 @@ class _Features:
                 m, v = (t.to(g.device, g.dtype) for t in self.moments[name])
                 beta1, beta2, eps = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults, as in LESS
                 g = (beta1 * m + (1 - beta1) * g) / torch.sqrt(beta2 * v + (1 - beta2) * g**2 + eps)
-            parts.append(_placed(projection, g.dtype, g.device).vector(g))
+            parts.append(projection.to(g.dtype, g.device).vector(g))
         return torch.cat(parts, dim=1)
 
     def close(self) -> None:
@@ -227,22 +217,6 @@ class _LossOf(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.learner[0].losses(x, y, self.head)
-
-
-def _placed(projection: Any, dtype: torch.dtype, device: torch.device) -> Any:
-    from auxilia.engine.factors import Projection
-
-    def move(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.to(device=device, dtype=dtype)
-
-    return Projection(
-        dim=projection.dim,
-        identity=projection.identity,
-        rows=move(projection.rows),
-        cols=move(projection.cols),
-        dense=move(projection.dense),
-        scale=projection.scale,
-    )
 
 
 class _CheckpointCosines(Method):
@@ -264,6 +238,7 @@ class _CheckpointCosines(Method):
         self.targets: list[torch.Tensor] = []  # per checkpoint: [J, d], one row per subtask
         self.labels: list[int] = []  # the target class of each subtask (J = 1: none)
         self.verified: set[str] = set()  # heads whose hooks were checked against exact
+        self.target_means: dict[str, list[torch.Tensor]] = {}  # per head, per checkpoint
 
     def prepare(self, context: Context) -> None:
         super().prepare(context)
@@ -284,17 +259,16 @@ class _CheckpointCosines(Method):
     def start_pool(self, pool: Pool) -> None:
         ctx = self.context
         head = ctx.heads[pool.name]
-        self.open, self.targets = [], []
+        self.open = []
         for model, checkpoint in zip(self.models, ctx.checkpoints, strict=True):
             params = model.compared(head, encoder_only=self.encoder_only)
             moments = checkpoint.moments if self.adam else None
             verify = head not in self.verified  # the first checkpoint's runner checks
             self.verified.add(head)
-            features = _Features(model, params, self.dim, ctx.seed, moments, verify)
-            target_params = model.compared(head, encoder_only=self.encoder_only)
-            assert [id(p) for p in target_params] == [id(p) for p in params]
-            self.open.append(features)
-            self.targets.append(self._target_means(features))
+            self.open.append(_Features(model, params, self.dim, ctx.seed, moments, verify))
+        if head not in self.target_means:  # pools through the same head share them
+            self.target_means[head] = [self._target_means(f) for f in self.open]
+        self.targets = self.target_means[head]
 
     def _target_means(self, features: _Features) -> torch.Tensor:
         """[J, d]: the target's mean projected gradient, per class (J classes) or over all."""
@@ -330,13 +304,16 @@ class _CheckpointCosines(Method):
         return torch.stack(columns, dim=1)
 
     def end_pool(self, pool: Pool) -> None:
+        self._close_features()
+
+    def close(self) -> None:
+        self._close_features()
+        self.models = []
+
+    def _close_features(self) -> None:
         for features in self.open:
             features.close()
         self.open = []
-
-    def close(self) -> None:
-        self.end_pool(Pool("", data=(torch.zeros(1), torch.zeros(1))))
-        self.models = []
 
     def parts(self, cosines: torch.Tensor) -> Scores:
         return {f"cos_step{c.step}": cosines[:, i] for i, c in enumerate(self.context.checkpoints)}
@@ -497,7 +474,7 @@ class EmbeddingMethod(Method):
     @torch.no_grad()
     def score(self, pool: Pool, batch: PoolBatch) -> Scores:
         rep = self.context.learner.representation(batch.x.to(self.context.device))
-        cosine = _cosines(rep, self.mean).cpu()
+        cosine = _cosine_matrix(rep, self.mean.unsqueeze(0))[:, 0].cpu()
         return {"score": cosine, "cosine": cosine}
 
 
