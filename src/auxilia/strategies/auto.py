@@ -6,7 +6,9 @@ not at all while the evidence says it does not:
     α_0 = 1,   α_k = clip(m_k / se_k, 0, 1),
 
 with m_k the running mean of cos(g_k, g_0) over the steps source k was drawn and se_k its
-standard error. Why this rule, on principle rather than on a tuned scenario:
+standard error. Each step's cosine counts as evidence in proportion to how much of the
+target's gradient is signal (below). Why this rule, on principle rather than on a tuned
+scenario:
 
 - *Do no harm, to first order.* A source whose gradients conflict with the target's on average
   gets α = 0; every source that enters has a positive expected inner product with g_0, so the
@@ -19,17 +21,29 @@ standard error. Why this rule, on principle rather than on a tuned scenario:
   positive for a harmful source and negative for a helpful one. Weighting by how many
   standard errors the mean alignment sits above zero admits a source gradually as evidence
   accumulates and needs no threshold in the units of the gradients.
-- *Scale-free and cheap.* Cosines do not depend on loss scales, and the rule needs only the
-  target row and the norms, so it runs on every engine mode and layout.
+- *Evidence only from a target gradient that carries signal.* Once the few target labels are
+  fit, g_0 is mostly mini-batch noise, and a cosine against noise says nothing about a source;
+  an unweighted running mean would let those steps wash out what was learnt while the target
+  was still learning. The signal fraction of g_0 is read from the engine's moving average ĝ
+  of the target gradient: r = ‖ĝ‖ / n̄ (n̄ the moving average of ‖g_0‖) is 1 when successive
+  target gradients agree and sqrt(ρ / (2 − ρ)) in expectation when they are independent noise
+  (an EMA of i.i.d. vectors); the step's evidence weight is w = clip((r − r_0) / (1 − r_0), 0,
+  1) with r_0 that noise level, so pure-noise steps leave the evidence as it was.
+- *Scale-free and cheap.* Cosines and r do not depend on loss scales; the rule needs the
+  target row, the norms and ĝ (one parameter-sized buffer), no Gram matrix.
 
-The running mean and variance are exponential moving averages with rate ``rate`` (0.1, an
-effective memory of about 19 draws of a source, so the gate follows a source whose usefulness
-changes during training), bias-corrected like Adam's, and the standard error uses the effective
-number of observations min(n_k, (2 − ρ)/ρ). With a single observation the standard error is
-0 and the gate is the sign of the cosine.
+The running mean and variance are exponential moving averages with rate ρ·w (``rate`` ρ =
+0.1, an effective memory of about 19 fully weighted draws of a source, so the gate follows a
+source whose usefulness changes during training), normalised by the weight they have gathered
+(Adam's bias correction), and the standard error uses their effective number of observations
+(Kish: (Σ weights)² / Σ weights², which is min(n, (2 − ρ)/ρ) when every w is 1). With a single
+observation the standard error is 0 and the gate is the sign of the cosine; a source with no
+weighted evidence yet gets 0. ĝ and n̄ use the same rate ρ.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -37,35 +51,83 @@ from auxilia.errors import StrategyError
 from auxilia.statistics import Need, Statistics
 from auxilia.strategies.base import State, Strategy
 
+F64 = torch.float64
+
+
+def signal_weight(ema_norm: float, mean_norm: float, rate: float) -> float:
+    """w = clip((r − r_0) / (1 − r_0), 0, 1), r = ‖ĝ‖ / n̄, r_0 = sqrt(ρ / (2 − ρ)) (see the module).
+
+    ``rate`` 1 keeps no history (ĝ = g_0): every step then counts fully.
+    """
+    if rate >= 1.0:
+        return 1.0
+    if not mean_norm > 0.0:
+        return 0.0
+    noise = math.sqrt(rate / (2.0 - rate))
+    ratio = ema_norm / mean_norm
+    return min(1.0, max(0.0, (ratio - noise) / (1.0 - noise)))
+
 
 def auto(rate: float = 0.1) -> Strategy:
-    """α_0 = 1, α_k = clip(mean cos(g_k, g_0) / its standard error, 0, 1) (see the module)."""
+    """α_0 = 1, α_k = clip(mean cos(g_k, g_0) / its standard error, 0, 1), evidence weighted by
+    the signal fraction of the target's gradient (see the module)."""
     if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 < rate <= 1.0:
         raise StrategyError(f"auto: rate must be a number in (0, 1], got {rate!r}")
 
     def init(num_sources: int) -> State:
-        zeros = torch.zeros(num_sources, dtype=torch.float64)
-        return {"mean": zeros, "square": zeros.clone(), "count": zeros.clone()}
+        zeros = torch.zeros(num_sources, dtype=F64)
+        return {
+            "mean": zeros,  # EMA of w·cos (un-normalised)
+            "square": zeros.clone(),  # EMA of w·cos²
+            "weight": zeros.clone(),  # the weight the EMAs have gathered
+            "weight_sq": zeros.clone(),  # the discounted sum of squared weights (Kish)
+            "count": zeros.clone(),  # steps drawn
+            "target_norm": torch.zeros(2, dtype=F64),  # EMA of ‖g_0‖, target steps seen
+        }
 
     def update(stats: Statistics, state: State) -> tuple[torch.Tensor, State]:
-        cos = stats.cosines().to(torch.float64)
+        cos = stats.cosines().to(F64)
+        norms = stats.require(Need.NORMS).to(F64)
+        sqnorm = stats.ema_sqnorm
+        if sqnorm is None:
+            raise ValueError("statistic 'ema_sqnorm' was not computed")
+        level, seen = (float(v) for v in state["target_norm"])
+        if bool(stats.present[0]):
+            level, seen = (1.0 - rate) * level + rate * float(norms[0]), seen + 1.0
+        mean_norm = level / (1.0 - (1.0 - rate) ** seen) if seen else 0.0
+        step_rate = rate * signal_weight(math.sqrt(float(sqnorm)), mean_norm, rate)
         drawn = stats.present.clone()
         drawn[0] = False
-        keep = 1.0 - rate
-        mean = torch.where(drawn, keep * state["mean"] + rate * cos, state["mean"])
-        square = torch.where(drawn, keep * state["square"] + rate * cos * cos, state["square"])
-        count = state["count"] + drawn.to(torch.float64)
-        # Bias correction: the EMAs start at 0, so divide by the weight they have gathered.
-        gathered = (1.0 - keep**count).clamp_min(1e-12)
+        keep = 1.0 - step_rate
+
+        def ema(
+            old: torch.Tensor, new: torch.Tensor | float, discount: float = keep
+        ) -> torch.Tensor:
+            return torch.where(drawn, discount * old + new, old)
+
+        mean = ema(state["mean"], step_rate * cos)
+        square = ema(state["square"], step_rate * cos * cos)
+        weight = ema(state["weight"], step_rate)
+        weight_sq = ema(state["weight_sq"], step_rate * step_rate, keep * keep)
+        count = state["count"] + drawn.to(F64)
+        gathered = weight.clamp_min(1e-300)
         m = mean / gathered
         variance = (square / gathered - m * m).clamp_min(0.0)
-        effective = count.clamp(max=(2.0 - rate) / rate).clamp_min(1.0)
+        effective = (weight * weight / weight_sq.clamp_min(1e-300)).clamp_min(1.0)
         se = (variance / effective).sqrt()
-        gate = torch.where(
-            se > 0, (m / se.clamp_min(1e-300)).clamp(0.0, 1.0), (m > 0).to(torch.float64)
-        )
-        alpha = torch.where(drawn, gate, torch.zeros_like(gate))
+        gate = torch.where(se > 0, (m / se.clamp_min(1e-300)).clamp(0.0, 1.0), (m > 0).to(F64))
+        gate = torch.where(drawn & (weight > 0), gate, torch.zeros_like(gate))
+        alpha = torch.cat([gate, torch.zeros(1, dtype=F64)])  # the last multiplies ĝ: unused
         alpha[0] = 1.0
-        return alpha, {"mean": mean, "square": square, "count": count}
+        new_state = {
+            "mean": mean,
+            "square": square,
+            "weight": weight,
+            "weight_sq": weight_sq,
+            "count": count,
+            "target_norm": torch.tensor([level, seen], dtype=F64),
+        }
+        return alpha, new_state
 
-    return Strategy("auto", frozenset({Need.TARGET_ROW, Need.NORMS}), init, update, {"rate": rate})
+    needs = frozenset({Need.TARGET_ROW, Need.NORMS, Need.TARGET_EMA})
+    return Strategy("auto", needs, init, update, {"rate": rate}, target_ema=rate)
