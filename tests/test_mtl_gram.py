@@ -307,6 +307,17 @@ def test_nash_two_tasks_by_hand() -> None:
     assert_close(apply(nash_mtl(max_norm=0.0), stats), expected(a / 2, a / 0.5), atol=1e-12, rtol=0)
 
 
+def test_nash_tiny_gradients_stay_finite() -> None:
+    """Gradients of norm ~3e-161 (a Gram matrix of ~1e-321, subnormal): β's starting scale is
+    normalised before βᵀCβ is formed, so nothing underflows; α = 1 / (‖g‖ √n) for identical
+    gradients (found by hypothesis in CI)."""
+    grads = np.full((3, 4), 1.5792359e-161)
+    alpha = apply(nash_mtl(max_norm=0.0), stats_from(grads))
+    assert bool(torch.isfinite(alpha).all())
+    norm = math.sqrt(float(stats_from(grads).gram[0, 0]))  # as the engine's Gram matrix gives it
+    assert_close(alpha, expected(*[1.0 / (norm * math.sqrt(3.0))] * 3), rtol=1e-6, atol=0)
+
+
 def test_nash_single_source_is_inverse_norm() -> None:
     assert_close(apply(nash_mtl(max_norm=0.0), stats_from([[3, 4]])), expected(0.2))
     assert_close(apply(nash_mtl(), stats_from([[3, 4]])), expected(0.2))  # ||d|| = 1: no clip

@@ -55,6 +55,7 @@ def nash_solve(
     beta = start.to(F64) * norms
     if not bool((beta > 0).all()) or not bool(torch.isfinite(beta).all()):
         beta = torch.ones(n, dtype=F64)
+    beta = beta / beta.max()  # only β's direction matters here; this keeps βᵀCβ from underflowing
     p = torch.ones(n, dtype=F64) if powers is None else powers.to(F64)
     beta = beta * math.sqrt(float(p.sum()) / float(beta @ cos @ beta))  # argmin_s f(s β)
     for _ in range(MAX_ITER):
