@@ -80,7 +80,7 @@ def test_three_steps_by_hand() -> None:
     kish = 0.625**2 / (0.375**2 + 0.25**2)
     expected = [1.0, 0.18 / math.sqrt(0.1536 / kish), 0.0, 0.18 / math.sqrt(0.3456 / kish), 0.0]
     assert_close(alpha, torch.tensor(expected, dtype=F64))
-    assert float(state["count"][2]) == 1.0
+    assert float(state["weight"][2]) == 0.5  # absent: its one observation at step 1 only
     # Step 3: the target gradient is pure noise (‖ĝ‖ / n̄ at the noise level): w = 0, the
     # evidence is left as it was, whatever the cosines say (source 2, drawn again, keeps the
     # full weight of its one observation at step 1).

@@ -291,7 +291,6 @@ class Dense2D(Factor):
         pb = torch.einsum("rtgo,ugo->rtgu", self.b, pr)
         return p.keep(torch.einsum("rtgu,rtgv->ruv", pb, pa))
 
-
     def _project_ungrouped(self, p: Projection) -> torch.Tensor:
         """[R, u, v] = Σ_t (rows b_t)(cols a_t)ᵀ for a single group, on views of A and B as
         they are laid out (unfolded patches are position-minor: no copy of them is made);

@@ -81,7 +81,6 @@ def auto(rate: float = 0.1) -> Strategy:
             "square": zeros.clone(),  # EMA of w·cos²
             "weight": zeros.clone(),  # the weight the EMAs have gathered
             "weight_sq": zeros.clone(),  # the discounted sum of squared weights (Kish)
-            "count": zeros.clone(),  # steps drawn
             "target_norm": torch.zeros(2, dtype=F64),  # EMA of ‖g_0‖, target steps seen
         }
 
@@ -109,7 +108,6 @@ def auto(rate: float = 0.1) -> Strategy:
         square = ema(state["square"], step_rate * cos * cos)
         weight = ema(state["weight"], step_rate)
         weight_sq = ema(state["weight_sq"], step_rate * step_rate, keep * keep)
-        count = state["count"] + drawn.to(F64)
         gathered = weight.clamp_min(1e-300)
         m = mean / gathered
         variance = (square / gathered - m * m).clamp_min(0.0)
@@ -124,7 +122,6 @@ def auto(rate: float = 0.1) -> Strategy:
             "square": square,
             "weight": weight,
             "weight_sq": weight_sq,
-            "count": count,
             "target_norm": torch.tensor([level, seen], dtype=F64),
         }
         return alpha, new_state
