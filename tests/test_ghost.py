@@ -108,9 +108,10 @@ def conv_specs(draw: st.DrawFn) -> ConvSpec:
         if padding in (0, "valid")
         else draw(st.sampled_from(["zeros", "reflect", "circular", "replicate"]))
     )
+    per_group = draw(st.sampled_from([2, 8]))  # 8: channels-last patches (see ConvUnit)
     return ConvSpec(
         dims=dims,
-        channels=2 * groups,
+        channels=per_group * groups,
         out=2 * groups,
         kernel=draw(st.sampled_from([1, 2, 3])),
         stride=stride,
@@ -479,8 +480,8 @@ class Mixed(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.embed = nn.Embedding(6, 3, padding_idx=1)
-        self.conv = nn.Conv1d(3, 4, 2, groups=1)
+        self.embed = nn.Embedding(6, 8, padding_idx=1)
+        self.conv = nn.Conv1d(8, 4, 2, groups=1)  # 8 channels: channels-last patches
         self.gn = nn.GroupNorm(2, 4)
         self.ln = nn.LayerNorm(4)
         self.lin = nn.Linear(4, 1)
@@ -514,9 +515,12 @@ def test_every_layer_kind_on_both_routes(
             monkeypatch.setattr(kind, dear, lambda self, *a: 1.0)
     tokens = torch.randint(0, 6, (8, 4), generator=torch.Generator().manual_seed(3))
     compare(Mixed, lambda m: m.losses(tokens, split), IDS, 3)  # type: ignore[operator]
-    spec = ConvSpec(2, 4, 4, 3, 2, 1, "reflect", 1, 2, True, "group", 6)
-    batch = cnn_batch(spec, IDS.tolist(), 4)
-    compare(lambda: CNN(spec, 4), lambda m: m.losses(batch), IDS, 3)  # type: ignore[operator]
+    for spec in (
+        ConvSpec(2, 4, 4, 3, 2, 1, "reflect", 1, 2, True, "group", 6),
+        ConvSpec(2, 16, 4, 3, 2, 1, "zeros", 1, 2, True, "group", 6),  # channels-last
+    ):
+        batch = cnn_batch(spec, IDS.tolist(), 4)
+        compare(lambda s=spec: CNN(s, 4), lambda m, b=batch: m.losses(b), IDS, 3)  # type: ignore[misc,operator]
     enc = encoder_batch(11, 4, IDS.tolist(), 5)
     compare(lambda: Encoder(11, 4, 2, True, 5), lambda m: m.losses(enc), IDS, 3)  # type: ignore[operator]
 
@@ -541,3 +545,27 @@ def test_embedding_options_rms_norm_and_batch_norm_on_data() -> None:
     tokens = torch.randint(0, 5, (8, 4), generator=torch.Generator().manual_seed(0))
     x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
     compare(Options, lambda m: m.losses(tokens, x), IDS, 3)  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("per_group", [2, 8])  # 8: channels-last patches
+def test_dots_and_source_gradients_match_exact(per_group: int) -> None:
+    """<g_k, v> and each g_k (what the target-gradient EMA reads) in the parameters' own order,
+    whichever layout the convolution patches were copied in."""
+    from auxilia.engine.exact import measure_exact
+    from auxilia.engine.source_losses import split_by_source
+
+    spec = ConvSpec(2, 2 * per_group, 4, 3, 2, 1, "zeros", 1, 2, True, "group", 6)
+    batch = cnn_batch(spec, IDS.tolist(), 6)
+    model = CNN(spec, 6)
+    params = list(model.parameters())
+    vectors = [torch.randn_like(p) for p in params]
+    runner = GhostRunner(ModeContext(model, params, None, "partitioned"))
+    got = runner.measure(split_by_source(model.losses(batch), IDS, 3), frozenset({Need.LOSSES}))
+    runner.close()
+    want = measure_exact(
+        split_by_source(model.losses(batch), IDS, 3), params, None, frozenset({Need.LOSSES})
+    )
+    assert relative_error(got.dots(vectors), want.dots(vectors)) < 1e-10
+    for k in range(3):
+        for a, b in zip(got.source_gradient(k), want.source_gradient(k), strict=True):
+            assert relative_error(a, b) < 1e-10

@@ -89,10 +89,13 @@ def models() -> list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module], t
     mlp = mlp_batch(8, 3, IDS.tolist(), 0)
     spec = ConvSpec(2, 4, 4, 3, 1, "same", "reflect", 1, 2, True, "group", 5)
     cnn = cnn_batch(spec, IDS.tolist(), 1)
+    wide = ConvSpec(2, 16, 4, 3, 2, 1, "zeros", 1, 2, True, "group", 5)  # channels-last patches
+    wide_batch = cnn_batch(wide, IDS.tolist(), 1)
     enc = encoder_batch(9, 4, IDS.tolist(), 2)
     return [
         ("mlp", lambda: MLP([3, 5, 4], [True, False], heads=2, seed=0), lambda m: m.losses(mlp)),  # type: ignore[operator]
         ("cnn", lambda: CNN(spec, 1), lambda m: m.losses(cnn)),  # type: ignore[operator]
+        ("cnn-channels-last", lambda: CNN(wide, 1), lambda m: m.losses(wide_batch)),  # type: ignore[operator]
         ("encoder", lambda: Encoder(9, 4, 2, False, 2), lambda m: m.losses(enc)),  # type: ignore[operator]
     ]
 
@@ -132,15 +135,21 @@ def test_features_are_projected_per_sample_gradients() -> None:
     assert torch.equal(got.ids, IDS)
 
 
-def test_projected_features_match_projecting_the_gradient() -> None:
+@pytest.mark.parametrize("kind", ["mlp", "cnn-channels-last"])
+def test_projected_features_match_projecting_the_gradient(kind: str) -> None:
     """Kronecker projection of factors == the projection applied to the full gradient."""
-    model = MLP([6, 5, 4], [True, True], seed=4)
-    batch = mlp_batch(8, 6, IDS.tolist(), 4)
+    model: nn.Module
+    if kind == "mlp":
+        model = MLP([6, 5, 4], [True, True], seed=4)
+        batch = mlp_batch(8, 6, IDS.tolist(), 4)
+    else:
+        spec = ConvSpec(2, 16, 4, 3, 2, 1, "zeros", 1, 2, True, "group", 5)
+        model, batch = CNN(spec, 4), cnn_batch(spec, IDS.tolist(), 4)
     dim, seed = 20, 9
     got = sketch_step(model, lambda m: m.losses(batch), IDS, 3, dim=dim, seed=seed)  # type: ignore[operator]
     params = list(model.parameters())
     dims = allocate([p.numel() for p in params], dim)
-    losses = model.losses(batch)
+    losses = model.losses(batch)  # type: ignore[operator]
     for i in range(8):
         grads = torch.autograd.grad(losses[i], params, retain_graph=True)
         parts = [

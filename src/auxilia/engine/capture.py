@@ -74,13 +74,16 @@ from torch.nn import functional as F
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from auxilia.engine.exact import accumulate, gradient_statistics, measure_exact
-from auxilia.engine.factors import F64, Dense2D, EmbeddingRows, Factor, PerSample
+from auxilia.engine.factors import F64, Dense2D, EmbeddingRows, Factor, PerSample, gram_of
 from auxilia.engine.mode import ModeContext
 from auxilia.engine.source_losses import SourceLosses
 from auxilia.errors import EngineError
 from auxilia.statistics import Need, Statistics
 
 _GRAM = frozenset({Need.GRAM})
+# Channels-last patches only pay off from this many channels per group: below it, the extra
+# copy of the input costs more than the longer runs save (measured on CPU, 1 to 64 channels).
+CHANNELS_LAST_MIN = 4
 _NORMS: tuple[type[nn.Module], ...] = (
     nn.LayerNorm,
     nn.GroupNorm,
@@ -180,6 +183,8 @@ class LinearUnit(Unit):
 class ConvUnit(Unit):
     """``nn.Conv1d``/``nn.Conv2d`` as a linear layer on unfolded patches, per group."""
 
+    _order: tuple[tuple[int, int, int], torch.Tensor] | None = None
+
     @property
     def spatial(self) -> int:
         return 1 if isinstance(self.module, nn.Conv1d) else 2
@@ -188,20 +193,63 @@ class ConvUnit(Unit):
         x = call.args[0]
         return bool(x.dim() == self.spatial + 2 and x.shape[0] == n)
 
-    def patches(self, x: torch.Tensor) -> torch.Tensor:
-        """[images, C·k, L] in the weight's (channel, kernel) order."""
+    def patches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Unfolded patches [images, L, G, din] (L: output positions), and the weight column
+        each of the din entries stands for (None: the weight's own order, cin-major).
+
+        One strided copy of the (padded) input, in whichever layout copies longer contiguous
+        runs: channels-first runs along the output width (stride 1), channels-last runs of cin
+        channels (the column order is then kernel-major; :class:`Dense2D` maps it back).
+        """
         m = self.module
         assert isinstance(m, nn.Conv1d | nn.Conv2d)
         pad = [int(p) for p in m._reversed_padding_repeated_twice]
-        if any(pad):
-            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-            x = F.pad(x, pad, mode=mode)
         if isinstance(m, nn.Conv1d):
             x = x.unsqueeze(2)
+            pad = [pad[0], pad[1], 0, 0]
             kernel, dilation, stride = (1, m.kernel_size[0]), (1, m.dilation[0]), (1, m.stride[0])
         else:
             kernel, dilation, stride = m.kernel_size, m.dilation, m.stride  # type: ignore[assignment]
-        return F.unfold(x, kernel, dilation=dilation, padding=0, stride=stride)
+        (kh, kw), (dh, dw), (sh, sw) = kernel, dilation, stride
+        images, channels = x.shape[:2]
+        height, width = x.shape[2] + pad[2] + pad[3], x.shape[3] + pad[0] + pad[1]
+        groups = m.groups
+        cin = channels // groups
+        ho = (height - dh * (kh - 1) - 1) // sh + 1
+        wo = (width - dw * (kw - 1) - 1) // sw + 1
+        first_run = wo if sw == 1 else 1
+        channels_last = cin >= CHANNELS_LAST_MIN and cin > first_run
+        if any(pad) and (m.padding_mode != "zeros" or not channels_last):
+            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+            x = F.pad(x, pad, mode=mode)
+            pad = [0, 0, 0, 0]
+        if channels_last:
+            # [images, H, W, C], zero padding written around one permuting copy
+            xl = x.new_zeros(images, height, width, channels)
+            xl[:, pad[2] : height - pad[3], pad[0] : width - pad[1]] = x.permute(0, 2, 3, 1)
+            s0, s1, s2, s3 = xl.stride()
+            view = xl.as_strided(
+                (images, ho, wo, groups, kh, kw, cin),
+                (s0, sh * s1, sw * s2, cin * s3, dh * s1, dw * s2, s3),
+            )
+            return view.reshape(images, ho * wo, groups, -1), self.column_order(kh, kw, cin)
+        s0, s1, s2, s3 = x.stride()
+        view = x.as_strided(
+            (images, groups, cin, kh, kw, ho, wo),
+            (s0, cin * s1, s1, dh * s2, dw * s3, sh * s2, sw * s3),
+        )
+        cols = view.reshape(images, groups, cin * kh * kw, ho * wo)  # position-minor
+        return cols.permute(0, 3, 1, 2), None
+
+    def column_order(self, kh: int, kw: int, cin: int) -> torch.Tensor:
+        """For channels-last patches (kernel row, kernel column, channel): the weight column
+        (channel, kernel row, kernel column) of each."""
+        key = (kh, kw, cin)
+        if self._order is None or self._order[0] != key:
+            natural = torch.arange(cin * kh * kw).view(cin, kh, kw)
+            order = natural.permute(1, 2, 0).reshape(-1)
+            self._order = (key, order.to(next(iter(self.params.values())).device))
+        return self._order[1]
 
     def factors(
         self, items: list[tuple[Call, list[torch.Tensor]]], rows: int, per_sample: bool
@@ -210,15 +258,15 @@ class ConvUnit(Unit):
         m = self.module
         assert isinstance(m, nn.Conv1d | nn.Conv2d)
         groups, dout = m.groups, m.out_channels // m.groups
-        a_parts, b_parts = [], []
+        a_parts, b_parts, orders = [], [], []
         for call, grads in items:
             x, g = call.args[0], grads[0]
             if x.dim() == self.spatial + 1:  # an unbatched input: one image
                 x, g = x.unsqueeze(0), g.unsqueeze(0 if per_sample else 1)
-            cols = self.patches(x.to(dt))  # [images, C·k, L]
-            images, _, size = cols.shape
-            a = cols.view(images, groups, -1, size).permute(0, 3, 1, 2)  # [images, L, G, din]
-            if per_sample:  # views in the natural channel-major layout: no copies
+            a, order = self.patches(x.to(dt))  # [images, L, G, din]
+            images, size = a.shape[:2]
+            orders.append(order)
+            if per_sample:  # output gradients as views in their channel-major layout
                 a_parts.append(a)
                 b = g.to(dt).reshape(rows, groups, dout, size)
                 b_parts.append(b.permute(0, 3, 1, 2))
@@ -226,7 +274,11 @@ class ConvUnit(Unit):
                 a_parts.append(a.reshape(1, images * size, groups, -1))
                 b = g.to(dt).reshape(rows, images, groups, dout, size).permute(0, 1, 4, 2, 3)
                 b_parts.append(b.reshape(rows, images * size, groups, dout))
-        return [_dense(self, _cat(a_parts), _cat(b_parts))]
+        if any(o is not orders[0] for o in orders):  # calls of different shapes: one order
+            pairs = zip(a_parts, orders, strict=True)
+            a_parts = [p if o is None else p[..., _inverse(o)] for p, o in pairs]
+            orders = [None]
+        return [_dense(self, _cat(a_parts), _cat(b_parts), orders[0])]
 
 
 class EmbeddingUnit(Unit):
@@ -329,12 +381,18 @@ def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
-def _dense(unit: Unit, a: torch.Tensor, b: torch.Tensor) -> tuple[list[torch.Tensor], Factor]:
+def _dense(
+    unit: Unit, a: torch.Tensor, b: torch.Tensor, order: torch.Tensor | None = None
+) -> tuple[list[torch.Tensor], Factor]:
     """The weight-and-bias factor of a linear or convolution unit."""
     weight, bias = unit.params.get("weight"), unit.params.get("bias")
     params = [p for p in (weight, bias) if p is not None]
     shapes = (None if weight is None else weight.shape, None if bias is None else bias.shape)
-    return params, Dense2D(a, b, *shapes)
+    return params, Dense2D(a, b, *shapes, order=order)
+
+
+def _inverse(order: torch.Tensor) -> torch.Tensor:
+    return torch.argsort(order)
 
 
 def _spatial(t: torch.Tensor) -> int:
@@ -611,12 +669,15 @@ class Step:
                 self._column = column_of.to(self.device)[self.ids]
         return self._column
 
-    def gram(self) -> torch.Tensor:
+    def gram(self, full: bool = True) -> torch.Tensor:
         """Gram matrix of the present sources (float64, CPU) from the factors, exactly.
 
         Per layer the cheaper exact route: the N×N kernel, accumulated over layers and reduced
         once as Sᵀ M S (S the N×K' source indicator), or per-source sums of materialised
         gradients. A parameter reached through several layers (tied) is summed per source.
+        ``full=False``: exact in the first row and column and on the diagonal only (the target
+        row and the norms), the rest 0 or partial: per-source sums then cost 2·K' products per
+        coordinate instead of K'².
         """
         width = self.width
         by_sample: torch.Tensor | None = None
@@ -630,8 +691,8 @@ class Step:
                 for p, part in zip(params, split, strict=True):
                     tied[id(p)] = part if id(p) not in tied else tied[id(p)] + part
                 continue
-            if f.kernel_cost() > f.source_cost(width):
-                value = f.source_gram(column, width).to(F64)
+            if f.kernel_cost() > f.source_cost(width, full):
+                value = f.source_gram(column, width, full).to(F64)
                 by_source = value if by_source is None else by_source + value
             elif per_sample:
                 if by_sample is None:
@@ -643,8 +704,7 @@ class Step:
                 f.add_kernel(by_source)
         parts = []
         if tied:
-            flat = torch.cat(list(tied.values()), 1)
-            parts.append(flat @ flat.T)
+            parts.append(gram_of(list(tied.values()), full))
         if by_sample is not None:
             indicator = self.indicator(by_sample.dtype)
             parts.append((indicator.T @ by_sample @ indicator).to(F64))
@@ -733,7 +793,7 @@ def statistics(
 ) -> Statistics:
     """:func:`~auxilia.engine.exact.gradient_statistics` from the present sources' Gram matrix
     (``gram`` may also be the full (K+1)×(K+1) one, absent rows and columns 0)."""
-    if gram.shape[0] == present.shape[0] and gram.shape[0] != int(present.sum()):
+    if gram.shape[0] == present.shape[0] and not bool(present.all()):
         idx = present.nonzero().squeeze(1)
         gram = gram[idx.unsqueeze(1), idx.unsqueeze(0)]
     return gradient_statistics(present, gram, losses, needs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
@@ -256,7 +257,7 @@ class Engine:
                 f"for {self.num_sources} sources"
             )
         alpha = alpha.detach().to(torch.float64).cpu()
-        if not bool(torch.isfinite(alpha).all()):
+        if not math.isfinite(float(alpha.sum())) and not bool(torch.isfinite(alpha).all()):
             raise EngineError(f"strategy '{self.strategy.name}' returned non-finite coefficients")
         if expected > self.num_sources:
             return alpha[: self.num_sources], float(alpha[-1])

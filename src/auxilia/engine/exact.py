@@ -99,18 +99,24 @@ def gradient_statistics(
     draws 4 of 1,000 sources handles vectors of 1,001 entries, not a million-entry matrix.
     """
     num = int(present.shape[0])
-    idx = present.nonzero().squeeze(1)
     small = gram_of_present.to(torch.float64).cpu()
-    gram = None
-    if Need.GRAM in needs:
-        gram = torch.zeros(num, num, dtype=torch.float64)
-        gram[idx.unsqueeze(1), idx.unsqueeze(0)] = small
-    row = torch.zeros(num, dtype=torch.float64)
-    norms = torch.zeros(num, dtype=torch.float64)
-    if len(idx):
-        norms[idx] = small.diagonal().clamp_min(0).sqrt()
-        if bool(present[0]):
-            row[idx] = small[0]  # the target is the first present source
+    gram: torch.Tensor | None = None
+    if small.shape[0] == num:  # every source present: no scattering
+        if Need.GRAM in needs:
+            gram = small.clone()
+        norms = small.diagonal().clamp_min(0).sqrt()
+        row = small[0].clone()
+    else:
+        idx = present.nonzero().squeeze(1)
+        if Need.GRAM in needs:
+            gram = torch.zeros(num, num, dtype=torch.float64)
+            gram[idx.unsqueeze(1), idx.unsqueeze(0)] = small
+        row = torch.zeros(num, dtype=torch.float64)
+        norms = torch.zeros(num, dtype=torch.float64)
+        if len(idx):
+            norms[idx] = small.diagonal().clamp_min(0).sqrt()
+            if bool(present[0]):
+                row[idx] = small[0]  # the target is the first present source
     return Statistics(
         present=present,
         losses=losses if Need.LOSSES in needs else None,

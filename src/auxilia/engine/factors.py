@@ -88,9 +88,35 @@ class Projection:
         return self.keep(matrix)
 
 
+def gram_of(parts: Sequence[torch.Tensor], full: bool = True) -> torch.Tensor:
+    """Σ_p p pᵀ over [width, ·] per-source gradient blocks; with ``full=False`` only the first
+    row and column and the diagonal (what the target row and the norms read; the rest 0), at
+    2·width instead of width² products per coordinate."""
+    if full:
+        total = parts[0] @ parts[0].T
+        for part in parts[1:]:
+            total = total.addmm_(part, part.T)
+        return total
+    row = parts[0] @ parts[0][0]
+    diagonal = (parts[0] * parts[0]).sum(1)
+    for part in parts[1:]:
+        row = row + part @ part[0]
+        diagonal = diagonal + (part * part).sum(1)
+    out = torch.zeros(row.shape[0], row.shape[0], dtype=row.dtype, device=row.device)
+    out[0] = row
+    out[:, 0] = row
+    out.diagonal().copy_(diagonal)
+    return out
+
+
 def add_into(out: torch.Tensor, value: torch.Tensor) -> None:
     """out += value, converting the (small) value when the dtypes differ."""
     out += value if value.dtype == out.dtype else value.to(out.dtype)
+
+
+def _products(width: int, full: bool) -> int:
+    """Inner products per coordinate of a Gram of ``width`` sums (or its row and diagonal)."""
+    return width * width if full else 2 * width
 
 
 class Factor:
@@ -115,13 +141,12 @@ class Factor:
         """[width, numel] (parameters concatenated, flattened): rows summed per column."""
         raise NotImplementedError
 
-    def source_cost(self, width: int) -> float:
-        return OVERHEAD + 2 * MEMORY * self.rows * self.numel + width * width * self.numel
+    def source_cost(self, width: int, full: bool = True) -> float:
+        return OVERHEAD + 2 * MEMORY * self.rows * self.numel + _products(width, full) * self.numel
 
-    def source_gram(self, column: torch.Tensor, width: int) -> torch.Tensor:
-        """[width, width] Gram of the per-column sums."""
-        flat = self.per_source(column, width)
-        return flat @ flat.T
+    def source_gram(self, column: torch.Tensor, width: int, full: bool = True) -> torch.Tensor:
+        """[width, width] Gram of the per-column sums (``full=False``: see :func:`gram_of`)."""
+        return gram_of([self.per_source(column, width)], full)
 
     def combine(self, c: torch.Tensor) -> list[torch.Tensor]:
         """Σ_r c_r G_r per parameter (``c`` in this factor's dtype)."""
@@ -140,13 +165,23 @@ class Dense2D(Factor):
     """Weight G_r = Σ_t B[r,t,g] A[r,t,g]ᵀ per group g, bias Σ_t B[r,t]: linear and conv layers.
 
     A: [Ra, T, G, din] (Ra = R, or 1 when every row shares the inputs: the per-source path);
-    B: [R, T, G, dout]. The weight, seen as a matrix, is [G·dout, din].
+    B: [R, T, G, dout]. The weight, seen as a matrix, is [G·dout, din]. ``order``: the weight
+    column each of A's din entries stands for (channels-last convolution patches), None when
+    they are in the weight's order; statistics do not depend on it, and every gradient or
+    vector crossing the factor's boundary is mapped.
     """
 
     def __init__(
-        self, a: torch.Tensor, b: torch.Tensor, weight: torch.Size | None, bias: torch.Size | None
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        weight: torch.Size | None,
+        bias: torch.Size | None,
+        order: torch.Tensor | None = None,
     ) -> None:
         self.a, self.b = a, b
+        self.order = order
+        self._inverse = None if order is None else torch.argsort(order)
         self.weight, self.bias = weight, bias
         self.shapes = [s for s in (weight, bias) if s is not None]
         self.rows, self.positions, self.groups, self.dout = b.shape
@@ -155,6 +190,18 @@ class Dense2D(Factor):
         self.shared = a.shape[0] == 1 and self.rows > 1
         self.simple = self.positions == 1 and self.groups == 1 and not self.shared
         self._weight_cache: torch.Tensor | None = None  # per-row weight gradients, if formed
+        self._bias_cache: torch.Tensor | None = None
+
+    def _natural(self, g: torch.Tensor) -> torch.Tensor:
+        """Weight gradients [..., G·dout·din] with columns in A's order → the weight's order."""
+        if self._inverse is None:
+            return g
+        lead = g.shape[:-1]
+        return g.reshape(*lead, -1, self.din)[..., self._inverse].reshape(*lead, -1)
+
+    def _in_a_order(self, w: torch.Tensor) -> torch.Tensor:
+        """A weight-shaped [G·dout, din] tensor with its columns in A's order."""
+        return w if self.order is None else w[..., self.order]
 
     def _flat(self, t: torch.Tensor) -> torch.Tensor:
         """[G, rows·T, d] (rows-major, then positions)."""
@@ -206,31 +253,46 @@ class Dense2D(Factor):
         return g
 
     def _bias_rows(self, start: int, stop: int) -> torch.Tensor:
-        return self.b[start:stop].sum(1).reshape(stop - start, -1)
+        if self._bias_cache is not None:
+            return self._bias_cache[start:stop]
+        g = self.b[start:stop].sum(1).reshape(stop - start, -1)
+        if start == 0 and stop == self.rows:
+            self._bias_cache = g
+        return g
 
-    def _rows(self, start: int, stop: int) -> torch.Tensor:
-        parts = []
-        if self.weight is not None:
-            parts.append(self._weight_rows(start, stop))
-        if self.bias is not None:
-            parts.append(self._bias_rows(start, stop))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-
-    def per_source(self, column: torch.Tensor, width: int) -> torch.Tensor:
-        numel = self.numel
-        out = torch.zeros(width, numel, dtype=self.dtype, device=self.b.device)
-        step = max(1, BLOCK // max(1, numel))
-        for start in range(0, self.rows, step):
-            stop = min(self.rows, start + step)
-            out.index_add_(0, column[start:stop], self._rows(start, stop))
+    def _sums(self, column: torch.Tensor, width: int) -> list[torch.Tensor]:
+        """Per-column sums [width, ·] of the weight rows (in A's column order) and bias rows."""
+        out = []
+        for size, rows in (
+            (0 if self.weight is None else math.prod(self.weight), self._weight_rows),
+            (0 if self.bias is None else math.prod(self.bias), self._bias_rows),
+        ):
+            if not size:
+                continue
+            total = torch.zeros(width, size, dtype=self.dtype, device=self.b.device)
+            step = max(1, BLOCK // size)
+            for start in range(0, self.rows, step):
+                stop = min(self.rows, start + step)
+                total.index_add_(0, column[start:stop], rows(start, stop))
+            out.append(total)
         return out
 
-    def source_cost(self, width: int) -> float:
+    def per_source(self, column: torch.Tensor, width: int) -> torch.Tensor:
+        parts = self._sums(column, width)
+        if self.weight is not None:
+            parts[0] = self._natural(parts[0])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+    def source_gram(self, column: torch.Tensor, width: int, full: bool = True) -> torch.Tensor:
+        """[width, width] Gram of the per-column sums (weight and bias parts, any order)."""
+        return gram_of(self._sums(column, width), full)
+
+    def source_cost(self, width: int, full: bool = True) -> float:
         return (
             OVERHEAD
             + self.rows * self.positions * self.groups * self.din * self.dout
             + 2 * MEMORY * self.rows * self.numel
-            + width * width * self.numel
+            + _products(width, full) * self.numel
         )
 
     def combine(self, c: torch.Tensor) -> list[torch.Tensor]:
@@ -242,26 +304,34 @@ class Dense2D(Factor):
             if self.bias is not None:
                 out.append((c @ b).reshape(self.bias))
             return out
-        bc = self.b * c.view(-1, 1, 1, 1)
+        # Per-row gradients formed for the Gram matrix are reused; otherwise B is weighted once.
+        weighted: list[torch.Tensor] = []
+
+        def bc() -> torch.Tensor:
+            if not weighted:
+                weighted.append(self.b * c.view(-1, 1, 1, 1))
+            return weighted[0]
+
         if self.weight is not None:
             if self._weight_cache is not None:
                 g = c @ self._weight_cache
             elif self.shared:
-                g = torch.einsum("tgo,tgi->goi", bc.sum(0), self.a[0])
+                g = torch.einsum("tgo,tgi->goi", bc().sum(0), self.a[0])
             elif self.groups == 1 and self.b.is_contiguous() and self.a.is_contiguous():
-                g = bc.reshape(-1, self.dout).T @ self.a.reshape(-1, self.din)
+                g = bc().reshape(-1, self.dout).T @ self.a.reshape(-1, self.din)
             else:
-                g = torch.einsum("rtgo,rtgi->goi", bc, self.a)
-            out.append(g.reshape(self.weight))
+                g = torch.einsum("rtgo,rtgi->goi", bc(), self.a)
+            out.append(self._natural(g.reshape(-1)).reshape(self.weight))
         if self.bias is not None:
-            out.append(bc.sum((0, 1)).reshape(self.bias))
+            biases = self._bias_cache
+            out.append((c @ biases if biases is not None else bc().sum((0, 1))).reshape(self.bias))
         return out
 
     def dots(self, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
         total = torch.zeros(self.rows, dtype=self.dtype, device=self.b.device)
         it = iter(vectors)
         if self.weight is not None:
-            w = next(it).to(self.dtype).reshape(self.groups, self.dout, self.din)
+            w = self._in_a_order(next(it).to(self.dtype).reshape(self.groups, self.dout, self.din))
             av = torch.einsum("rtgi,goi->rtgo", self.a, w)
             total = total + (av * self.b).sum((1, 2, 3))
         if self.bias is not None:
@@ -280,23 +350,29 @@ class Dense2D(Factor):
 
     def _project_weight(self, p: Projection) -> torch.Tensor:
         if p.identity:
-            return self._weight_rows(0, self.rows)
+            return self._natural(self._weight_rows(0, self.rows))
+        if p.cols is None and self._inverse is not None:  # columns kept: in the weight's order
+            return p.keep(self._project_unmapped(p)[..., self._inverse])
+        return p.keep(self._project_unmapped(p))
+
+    def _project_unmapped(self, p: Projection) -> torch.Tensor:
+        """[R, u, v] (or [R, G, dout, v]); v in A's column order when not projected."""
         if self.groups == 1:  # the common case as 2-D matmuls and one bmm (no 4-D einsum)
-            return p.keep(self._project_ungrouped(p))
+            return self._project_ungrouped(p)
         a = self.a.expand(self.rows, -1, -1, -1) if self.shared else self.a
-        pa = a if p.cols is None else a @ p.cols.T  # [R, T, G, v]
+        pa = a if p.cols is None else a @ self._in_a_order(p.cols).T  # [R, T, G, v]
         if p.rows is None:  # u runs over (g, o)
-            return p.keep(torch.einsum("rtgo,rtgv->rgov", self.b, pa))
+            return torch.einsum("rtgo,rtgv->rgov", self.b, pa)
         pr = p.rows.view(-1, self.groups, self.dout)
         pb = torch.einsum("rtgo,ugo->rtgu", self.b, pr)
-        return p.keep(torch.einsum("rtgu,rtgv->ruv", pb, pa))
+        return torch.einsum("rtgu,rtgv->ruv", pb, pa)
 
     def _project_ungrouped(self, p: Projection) -> torch.Tensor:
         """[R, u, v] = Σ_t (rows b_t)(cols a_t)ᵀ for a single group, on views of A and B as
         they are laid out (unfolded patches are position-minor: no copy of them is made);
         inputs shared by every row are projected once."""
         a, b = self.a[:, :, 0], self.b[:, :, 0]  # [Ra, T, din], [R, T, dout]
-        pa = a if p.cols is None else torch.matmul(a, p.cols.T)
+        pa = a if p.cols is None else torch.matmul(a, self._in_a_order(p.cols).T)
         pb = b if p.rows is None else torch.matmul(b, p.rows.T)
         return torch.matmul(pb.transpose(1, 2), pa.expand(self.rows, -1, -1))
 
@@ -344,23 +420,22 @@ class EmbeddingRows(Factor):
         out.index_add_(0, flat, self.b.reshape(-1, self.width_d))
         return out.view(width, -1)
 
-    def source_cost(self, width: int) -> float:
+    def source_cost(self, width: int, full: bool = True) -> float:
         unique = min(self.vocab, self.idx.numel())
         return (
             OVERHEAD
             + 2 * MEMORY * self.rows * self.positions * self.width_d
-            + width * width * unique * self.width_d
+            + _products(width, full) * unique * self.width_d
         )
 
-    def source_gram(self, column: torch.Tensor, width: int) -> torch.Tensor:
+    def source_gram(self, column: torch.Tensor, width: int, full: bool = True) -> torch.Tensor:
         """Only the rows of the table this step reads: width² · unique · D."""
         uniq, inverse = torch.unique(self.idx, return_inverse=True)
         size = int(uniq.numel())
         out = torch.zeros(width * size, self.width_d, dtype=self.dtype, device=self.b.device)
         flat = self._flat_index(column, size, inverse.expand(self.rows, self.positions))
         out.index_add_(0, flat, self.b.reshape(-1, self.width_d))
-        flat_out = out.view(width, -1)
-        return flat_out @ flat_out.T
+        return gram_of([out.view(width, -1)], full)
 
     def combine(self, c: torch.Tensor) -> list[torch.Tensor]:
         out = torch.zeros(self.shapes[0], dtype=self.dtype, device=self.b.device)

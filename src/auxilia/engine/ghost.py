@@ -73,7 +73,7 @@ class GhostRunner:
         reference = self.verifier.reference(batch)
         step = self.capture.collect(batch)
         if needs & GRAM_NEEDS or reference is not None:
-            gram = step.gram()
+            gram = step.gram(full=Need.GRAM in needs or reference is not None)
         else:
             gram = torch.zeros(step.width, step.width, dtype=torch.float64)
         if reference is not None:

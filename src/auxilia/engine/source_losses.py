@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -110,17 +111,22 @@ def split_by_source(
     if losses.numel() == 0:
         raise EngineError("losses is empty: a step needs at least one sample")
     ids = source_ids.to(device=losses.device, dtype=torch.int64)
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= num_sources:
-        raise EngineError(f"source id {low if low < 0 else high} outside [0, {num_sources})")
-    counts = torch.bincount(ids, minlength=num_sources).cpu()
+    try:
+        counts_here = torch.bincount(ids, minlength=num_sources)  # refuses negative ids
+    except RuntimeError:
+        raise EngineError(f"source id {int(ids.min())} outside [0, {num_sources})") from None
+    if counts_here.shape[0] > num_sources:
+        raise EngineError(f"source id {counts_here.shape[0] - 1} outside [0, {num_sources})")
+    counts = counts_here.cpu()
     sums = torch.zeros(num_sources, dtype=losses.dtype, device=losses.device).index_add(
         0, ids, losses
     )
     # A few whole-vector operations and one transfer, for any number of sources.
-    mean_vector = sums / counts.clamp_min(1).to(device=sums.device, dtype=sums.dtype)
+    mean_vector = sums / counts_here.clamp_min(1)
     values = mean_vector.detach().to("cpu", torch.float64)
-    if check_finite and not bool(torch.isfinite(values).all()):
-        k = int((~torch.isfinite(values)).nonzero()[0, 0])
-        _checked_mean(mean_vector[k], k, names)
+    if check_finite and not math.isfinite(float(values.sum())):
+        bad = (~torch.isfinite(values)).nonzero()
+        if bad.numel():  # (else the sum overflowed)
+            k = int(bad[0, 0])
+            _checked_mean(mean_vector[k], k, names)
     return SourceLosses(mean_vector, counts, losses, ids, values)
