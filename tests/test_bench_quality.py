@@ -158,6 +158,8 @@ def test_quality_smoke_through_the_cli(
         assert 0.0 <= row["mean"] <= 1.0
         assert row["wall_seconds"] > 0
         assert set(row["credit"]) == {s["name"] for s in scenario["sources"]}
+        assert set(row["value"]) == {s["name"] for s in scenario["sources"]}
+        assert "spearman_value" in row
     assert rows["target-only"]["delta"] == pytest.approx(0.0)
     assert rows["target-only"]["spearman_credit"] is None  # zero credit everywhere
     assert [s["strategy"] for s in report["standing"]] == ["target-only", "equal", "gcs"]
@@ -168,6 +170,7 @@ def test_quality_smoke_through_the_cli(
     assert "## Standing against the bar" in markdown
     assert "## Scenario `digits`" in markdown
     assert "| strategy | mean | std | Δ (pt) | oracle fraction |" in markdown
+    assert "Spearman value" in markdown
     assert "| clean | helpful" in markdown
     table = [line for line in markdown.splitlines() if line.startswith("| gcs |")]
     assert len(table) == 2  # standing row and scenario row

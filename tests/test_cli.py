@@ -87,7 +87,7 @@ def test_run_writes_every_file(runner: CliRunner, tiny_config: Path, tmp_path: P
         assert isinstance(record["step"], int)
         assert _is_number(record["lr"])
         assert record["lr"] == pytest.approx(0.01)
-        for key in ("loss", "coefficient", "credit"):
+        for key in ("loss", "coefficient", "credit", "value"):
             _check_per_source(record, key)
         assert record["coefficient"]["tiny"] == pytest.approx(1.0)
         assert all(v is not None for v in record["loss"].values())  # every source drawn ("all")
@@ -123,7 +123,7 @@ def test_run_writes_every_file(runner: CliRunner, tiny_config: Path, tmp_path: P
         source = sources[name]
         assert source["granularity"] == granularity
         assert source["head"] == head
-        for key in ("mean_coefficient", "final_coefficient", "credit"):
+        for key in ("mean_coefficient", "final_coefficient", "credit", "value"):
             assert _is_number(source[key]), (name, key, source[key])
         assert source["mean_coefficient"] >= 0
 

@@ -29,6 +29,7 @@ def _results(sources: list[str]) -> dict[str, Any]:
                 "mean_coefficient": 0.5,
                 "final_coefficient": 0.25 * i,
                 "credit": 0.01 * (1 - i),
+                "value": -0.02 * i if i != 2 else 0.0,
             }
             for i, name in enumerate(sources)
         ],
@@ -80,8 +81,21 @@ def test_report_contains_sources_and_images(tmp_path: Path) -> None:
     for name in ("digits", "clean", "parity", "gcs", "accuracy"):
         assert name in html
     assert html.count('src="data:image/png;base64,') == 3
+    assert "<th>value</th>" in html
+    assert "-0.02" in html  # clean's value
     for name in ("coefficients", "target_metric", "credit"):
         assert (run / "plots" / f"{name}.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_results_without_value_still_render(tmp_path: Path) -> None:
+    """results.json from before value was recorded: its column shows "-"."""
+    run = make_run(tmp_path / "run")
+    data = json.loads((run / "results.json").read_text(encoding="utf-8"))
+    for source in data["sources"]:
+        del source["value"]
+    (run / "results.json").write_text(json.dumps(data), encoding="utf-8")
+    html = render_report(run).read_text(encoding="utf-8")
+    assert "<th>value</th>" in html
 
 
 def test_missing_results_names_file(tmp_path: Path) -> None:

@@ -188,6 +188,42 @@ def test_ledger_interval_flush_and_summary() -> None:
     assert ledger.steps == 3
 
 
+def test_ledger_value_is_lr_target_row_whatever_the_coefficient() -> None:
+    """Value is credit at unit weight: a source the strategy shuts out (α = 0) gets no credit
+    but still shows that it would have hurt (negative value); an absent one gets neither."""
+    ledger = Ledger(["t", "a", "b"])
+    for stats, alpha in (STEP1, STEP2):
+        ledger.record(stats, torch.tensor(alpha, dtype=F64))
+    ledger.record(
+        _stats([True, True, True], [1.0, -1.0, 2.0], [4.0, 6.0, 8.0], 1.0),
+        torch.tensor([1.0, 0.0, 1.0], dtype=F64),
+    )
+    summary = {row["name"]: row for row in ledger.summary()}
+    # t: 0.1·4 + 0.2·2 + 1·1; a: 0.1·2 + (absent) + 1·(−1); b: (absent) + 0.2·(−8) + 1·2
+    assert summary["t"]["value"] == pytest.approx(1.8)
+    assert summary["a"]["value"] == pytest.approx(-0.8)
+    assert summary["b"]["value"] == pytest.approx(0.4)
+    assert summary["a"]["credit"] == pytest.approx(0.1)  # 0.1·0.5·2, then α = 0
+    record = ledger.flush_interval()
+    assert _approx(record["value"]) == {"t": 1.8, "a": -0.8, "b": 0.4}
+
+
+def test_ledger_resumes_a_checkpoint_without_value_as_unknown() -> None:
+    """A checkpoint written before the ledger kept value resumes; value is then unknown
+    (None), never a silent 0, while the other totals continue exactly."""
+    ledger = Ledger(["t", "a", "b"])
+    ledger.record(STEP1[0], torch.tensor(STEP1[1], dtype=F64))
+    old = ledger.state_dict()
+    for part in ("run", "interval"):
+        del old[part]["value_sum"]
+    restored = Ledger(["t", "a", "b"])
+    restored.load_state_dict(old)
+    restored.record(STEP2[0], torch.tensor(STEP2[1], dtype=F64))
+    summary = {row["name"]: row for row in restored.summary()}
+    assert summary["t"]["value"] is None
+    assert summary["b"]["credit"] == pytest.approx(-0.4)
+
+
 def test_ledger_final_coefficient_is_last_step_where_drawn() -> None:
     ledger = Ledger(["t", "a", "b"])
     ledger.record(STEP1[0], torch.tensor(STEP1[1], dtype=F64))

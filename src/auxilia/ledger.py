@@ -1,8 +1,14 @@
-"""The ledger: coefficients, losses and first-order credit per source over a run.
+"""The ledger: coefficients, losses, first-order credit and value per source over a run.
 
 Credit (DESIGN.md, principle 5): the decrease of the target loss attributed to source k at a
 step is ``lr * α_k * <g_k, g_0>``; summed over steps it is the source's contribution. For
 optimizers other than plain SGD it is a first-order proxy (the preconditioner is ignored).
+
+Value: the same at unit weight, ``lr * <g_k, g_0>``: the first-order decrease of the target
+loss the source's gradient would have brought with weight 1 at each step of the run. Credit
+says what a source did under the strategy's weights; value says what it would have done, so a
+source that a gate shuts out (α_k ≈ 0, credit ≈ 0) still shows whether it would have helped or
+hurt. Leave-one-out ground truth is defined at unit weight too.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import torch
 
 from auxilia.statistics import Statistics
 
-_FIELDS = ("coefficient_sum", "loss_sum", "credit_sum", "drawn")
+_FIELDS = ("coefficient_sum", "loss_sum", "credit_sum", "value_sum", "drawn")
 
 
 class Ledger:
@@ -34,9 +40,10 @@ class Ledger:
         present = stats.present.to(torch.float64)
         alpha = coefficients.to(torch.float64)
         if stats.target_row is None:
-            credit = torch.full_like(alpha, math.nan)
+            value = torch.full_like(alpha, math.nan)
         else:
-            credit = stats.lr * alpha * stats.target_row.to(torch.float64) * present
+            value = stats.lr * stats.target_row.to(torch.float64) * present
+        credit = alpha * value
         losses = (
             stats.losses.to(torch.float64) if stats.losses is not None else torch.zeros_like(alpha)
         )
@@ -44,6 +51,7 @@ class Ledger:
             "coefficient_sum": alpha * present,
             "loss_sum": losses * present,
             "credit_sum": credit,
+            "value_sum": value,
             "drawn": present,
         }
         for totals in (self.run, self.interval):
@@ -54,7 +62,7 @@ class Ledger:
         return credit
 
     def flush_interval(self) -> dict[str, dict[str, float | None]]:
-        """Means (coefficient, loss) and sums (credit) since the last flush, then reset them."""
+        """Means (coefficient, loss) and sums (credit, value) since the last flush; then reset."""
         drawn = self.interval["drawn"]
         index = drawn.nonzero().squeeze(1)
         names = [self.names[k] for k in index.tolist()]
@@ -74,17 +82,20 @@ class Ledger:
             "loss": per_source(self.interval["loss_sum"], mean=True),
             "coefficient": per_source(self.interval["coefficient_sum"], mean=True),
             "credit": per_source(self.interval["credit_sum"], mean=False),
+            "value": per_source(self.interval["value_sum"], mean=False),
         }
         for value in self.interval.values():
             value.zero_()
         return record
 
     def summary(self) -> list[dict[str, Any]]:
-        """Per source: mean coefficient over the steps it was drawn, final coefficient, credit."""
+        """Per source: mean coefficient over the steps it was drawn, final coefficient, credit
+        and value."""
         rows = []
         for k, name in enumerate(self.names):
             drawn = float(self.run["drawn"][k])
             credit = float(self.run["credit_sum"][k])
+            value = float(self.run["value_sum"][k])
             rows.append(
                 {
                     "name": name,
@@ -96,6 +107,7 @@ class Ledger:
                     if math.isnan(float(self.final[k]))
                     else float(self.final[k]),
                     "credit": None if math.isnan(credit) else credit,
+                    "value": None if math.isnan(value) else value,
                 }
             )
         return rows
@@ -109,7 +121,10 @@ class Ledger:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.run = {k: v.clone() for k, v in state["run"].items()}
-        self.interval = {k: v.clone() for k, v in state["interval"].items()}
+        """Restore :meth:`state_dict`; a checkpoint from before a field existed (value) resumes
+        with that field's totals at NaN (unknown), never silently at 0."""
+        unknown = torch.full((len(self.names),), math.nan, dtype=torch.float64)
+        self.run = {k: state["run"].get(k, unknown).clone() for k in _FIELDS}
+        self.interval = {k: state["interval"].get(k, unknown).clone() for k in _FIELDS}
         self.final = state["final"].clone()
         self.steps = int(state["steps"])

@@ -11,6 +11,9 @@ Definitions (all on the target's test metric; accuracy differences are in points
   scenario's auxiliary sources, between the strategy's per-source credit (its mean
   coefficient), averaged over seeds, and the leave-one-out ground truth; ties get average
   ranks; ``None`` when either side is constant (e.g. ``target-only``'s zero credit).
+- ``spearman_value``: the same for the per-source value (summed ``lr·<g_k, g_0>``, the
+  unit-weight first-order effect, see :mod:`auxilia.ledger`). Shown beside credit; the bar
+  judges credit.
 - The bar (:class:`Bar`): **do no harm**, the mean is never more than ``harm`` points below
   target-only on any scenario; **capture the gain**, the oracle fraction averages at least
   ``gain``; **know why**, the credit's Spearman correlation with leave-one-out ground truth
@@ -124,6 +127,7 @@ def standing(
     fraction = mean_or_none([r.get("oracle_fraction") for r in ran])
     credit = mean_or_none([r.get("spearman_credit") for r in ran])
     coefficient = mean_or_none([r.get("spearman_coefficient") for r in ran])
+    value = mean_or_none([r.get("spearman_value") for r in ran])
     tol = 1e-9  # a mean of (0.6, 1.0) is 0.8 on the bar, whatever the rounding
     no_harm = None if worst is None else worst >= -bar.harm - tol
     gain = None if fraction is None else fraction >= bar.gain - tol
@@ -138,6 +142,7 @@ def standing(
         "oracle_scenarios": sum(1 for r in ran if r.get("oracle_fraction") is not None),
         "mean_spearman_credit": credit,
         "mean_spearman_coefficient": coefficient,
+        "mean_spearman_value": value,
         "no_harm": no_harm,
         "captures_gain": gain,
         "knows_why": why,
@@ -188,8 +193,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "## Standing against the bar",
         "",
         "| strategy | scenarios | worst Δ (pt) | mean Δ (pt) | oracle fraction | "
-        "Spearman credit | Spearman coef | no harm | gain | know why | meets bar |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "Spearman credit | Spearman coef | Spearman value | no harm | gain | know why | "
+        "meets bar |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report["standing"]:
         ran = f"{s['scenarios']}" + (
@@ -199,7 +205,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"| {s['strategy']} | {ran} | {_pts(s['worst_delta'])} | {_pts(s['mean_delta'])} | "
             f"{_num(s['mean_oracle_fraction'], '{:.2f}')} | "
             f"{_num(s['mean_spearman_credit'], '{:+.2f}')} | "
-            f"{_num(s['mean_spearman_coefficient'], '{:+.2f}')} | {_check(s['no_harm'])} | "
+            f"{_num(s['mean_spearman_coefficient'], '{:+.2f}')} | "
+            f"{_num(s.get('mean_spearman_value'), '{:+.2f}')} | {_check(s['no_harm'])} | "
             f"{_check(s['captures_gain'])} | {_check(s['knows_why'])} | "
             f"{'**yes**' if s['meets_bar'] else 'no'} |"
         )
@@ -248,7 +255,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         rel = "Spearman credit vs relevance | " if has_relevance else ""
         head = (
             "| strategy | mean | std | Δ (pt) | oracle fraction | Spearman credit | "
-            f"Spearman coef | {rel}s/run | bar |"
+            f"Spearman coef | Spearman value | {rel}s/run | bar |"
         )
         lines += ["", head, "|" + "---|" * (head.count("|") - 1)]
         for r in sc["rows"]:
@@ -264,6 +271,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 _num(r["oracle_fraction"], "{:.2f}"),
                 _num(r["spearman_credit"], "{:+.2f}"),
                 _num(r["spearman_coefficient"], "{:+.2f}"),
+                _num(r.get("spearman_value"), "{:+.2f}"),
             ]
             if has_relevance:
                 cells.append(_num(r.get("spearman_credit_relevance"), "{:+.2f}"))

@@ -360,6 +360,7 @@ def aggregate_scenario(
             values = [runs[s]["value"] for s in sorted(runs)]
             mean = mean_or_none(values)
             credit = _source_means(runs, "credit", source_names)
+            value = _source_means(runs, "value", source_names)
             coefficient = _source_means(runs, "mean_coefficient", source_names)
             d = delta(mean)
             gain = delta(oracle_mean)
@@ -377,6 +378,7 @@ def aggregate_scenario(
                     else oracle_fraction(d, 0.0, gain, settings.bar.min_oracle_gain),
                     "spearman_credit": correlation_with(credit, loo),
                     "spearman_coefficient": correlation_with(coefficient, loo),
+                    "spearman_value": correlation_with(value, loo),
                     "spearman_credit_relevance": None
                     if problem.relevance is None
                     else correlation_with(credit, dict(problem.relevance)),
@@ -387,6 +389,7 @@ def aggregate_scenario(
                     "harm": d is not None and d < -settings.bar.harm,
                     "per_seed": values,
                     "credit": credit,
+                    "value": value,
                     "mean_coefficient": coefficient,
                 }
             )

@@ -145,6 +145,7 @@ def _execute(spec: RunSpec, cache: str) -> dict[str, Any]:
     per_source = {
         row["name"]: {
             "credit": row.get("credit"),
+            "value": row.get("value"),
             "mean_coefficient": row.get("mean_coefficient"),
             "final_coefficient": row.get("final_coefficient"),
             "drawn_steps": row.get("drawn_steps"),

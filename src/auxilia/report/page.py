@@ -47,7 +47,15 @@ def _sources(results: Results) -> str:
     header = _row(
         *(
             f"<th>{h}</th>"
-            for h in ("source", "granularity", "head", "mean coef.", "final coef.", "credit")
+            for h in (
+                "source",
+                "granularity",
+                "head",
+                "mean coef.",
+                "final coef.",
+                "credit",
+                "value",
+            )
         )
     )
     body = "".join(
@@ -58,6 +66,7 @@ def _sources(results: Results) -> str:
             f'<td class="num">{_num(s.mean_coefficient)}</td>',
             f'<td class="num">{_num(s.final_coefficient)}</td>',
             f'<td class="num">{_num(s.credit, "+.4g")}</td>',
+            f'<td class="num">{_num(s.value, "+.4g")}</td>',
         )
         for s in results.sources
     )

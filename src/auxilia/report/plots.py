@@ -83,21 +83,35 @@ def target_metric_png(records: Sequence[MetricRecord], metric: str) -> bytes:
 
 
 def credit_png(sources: Sequence[SourceResult]) -> bytes:
-    """Horizontal bar per source (order as given): positive green, negative red."""
-    title = "Credit per source"
+    """Two bars per source (order as given): credit (solid) and value at unit weight (hatched);
+    positive green, negative red."""
+    title = "Credit and value per source"
 
     def draw(axes: Axes) -> None:
         if not sources:
             _placeholder(axes, title, "no sources")
             return
-        credits = [0.0 if s.credit is None else s.credit for s in sources]
-        colors = [_POSITIVE if c > 0 else _NEGATIVE if c < 0 else _NEUTRAL for c in credits]
-        positions = range(len(sources))
-        axes.barh(positions, credits, color=colors)
+        positions = list(range(len(sources)))
+        for offset, label, hatch, numbers in (
+            (-0.2, "credit (at the strategy's weights)", None, [s.credit for s in sources]),
+            (0.2, "value (at weight 1)", "//", [s.value for s in sources]),
+        ):
+            bars = [0.0 if x is None else x for x in numbers]
+            colors = [_POSITIVE if c > 0 else _NEGATIVE if c < 0 else _NEUTRAL for c in bars]
+            axes.barh(
+                [p + offset for p in positions],
+                bars,
+                height=0.4,
+                color=colors,
+                hatch=hatch,
+                alpha=1.0 if hatch is None else 0.55,
+                label=label,
+            )
         axes.set_yticks(positions, [s.name for s in sources])
         axes.invert_yaxis()
         axes.axvline(0.0, color="black", linewidth=0.8)
-        axes.set(title=title, xlabel="credit")
+        axes.set(title=title, xlabel="first-order decrease of the target loss")
+        axes.legend(loc="best", fontsize="small")
         axes.grid(axis="x", alpha=0.3)
 
     return _render(draw, height=max(2.5, 1.0 + 0.4 * len(sources)))

@@ -23,6 +23,7 @@ class SourceResult:
     mean_coefficient: float | None  # None: never drawn
     final_coefficient: float | None
     credit: float | None  # None: not measured (no target row)
+    value: float | None = None  # None: not measured, or a run from before value was recorded
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ def _source(obj: Any, where: str) -> SourceResult:
         mean_coefficient=_optional_float(obj, "mean_coefficient", where),
         final_coefficient=_optional_float(obj, "final_coefficient", where),
         credit=_optional_float(obj, "credit", where),
+        value=_optional_float(obj, "value", where) if "value" in obj else None,
     )
 
 
