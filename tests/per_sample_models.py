@@ -211,8 +211,10 @@ def run(
     weights: Sequence[float] | None = None,
     shared: Callable[[nn.Module], Iterable[torch.Tensor]] | None = None,
     steps: int = 1,
+    extra: Iterable[Need] = ALL,
 ) -> Outcome:
-    """One Engine step (or several, accumulating) of ``mode`` on ``model``."""
+    """One Engine step (or several, accumulating) of ``mode`` on ``model``; ``extra``: the
+    statistics measured."""
     weights = list(weights) if weights is not None else [1.0 + 0.5 * k for k in range(num)]
     engine = Engine(
         model,
@@ -220,7 +222,7 @@ def run(
         num_sources=num,
         shared=None if shared is None else shared(model),
         mode=mode,
-        extra_needs=ALL,
+        extra_needs=extra,
     )
     alpha = torch.zeros(num, dtype=F64)
     for _ in range(steps):

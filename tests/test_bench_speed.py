@@ -114,7 +114,23 @@ def test_without_torchjd_the_rows_are_skipped(
 def test_breakdown_phases() -> None:
     phases = speed.breakdown("mlp", 2, repeats=1)
     assert {"forward", "jvp: second-order pass", "batched: gram", "optimizer step"} <= set(phases)
-    assert all(value >= 0 for value in phases.values())
+    assert all(value is not None and value >= 0 for value in phases.values())
+
+
+def test_breakdown_phases_partitioned() -> None:
+    """ghost's phases, the whole Gram matrix and its row and norms from alternate steps."""
+    phases = speed.breakdown("cnn", 3, repeats=2, layout="partitioned")
+    assert set(phases) == {
+        "forward (layer hooks on)",
+        "engine input checks (split)",
+        "plain backward",
+        "ghost: backward to layer outputs, factors",
+        "ghost: Gram matrix",
+        "ghost: target row and norms",
+        "ghost: combine (.grad)",
+        "optimizer step",
+    }
+    assert all(value is not None and value > 0 for value in phases.values())
 
 
 @pytest.mark.parametrize(

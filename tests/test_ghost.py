@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
@@ -127,6 +128,8 @@ def conv_specs(draw: st.DrawFn) -> ConvSpec:
 
 @settings(max_examples=30, deadline=None)
 @given(problem=assignments(max_n=6), spec=conv_specs(), seed=st.integers(0, 2**16))
+# one output position of channels-last patches (found by hypothesis)
+@example(problem=(2, [0]), spec=ConvSpec(1, 8, 2, 3, 1, 0, "zeros", 2, 1, False, "none", 5), seed=0)
 def test_cnn_matches_exact(problem: tuple[int, list[int]], spec: ConvSpec, seed: int) -> None:
     num, ids = problem
     batch = cnn_batch(spec, ids, seed)
@@ -569,3 +572,38 @@ def test_dots_and_source_gradients_match_exact(per_group: int) -> None:
     for k in range(3):
         for a, b in zip(got.source_gradient(k), want.source_gradient(k), strict=True):
             assert relative_error(a, b) < 1e-10
+
+
+@pytest.mark.parametrize("route", ["source", "cost"])
+@pytest.mark.parametrize("model", ["mixed-split", "mixed", "cnn-channels-last", "encoder"])
+def test_target_row_and_norms_alone_match_exact(
+    model: str, route: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without Need.GRAM ghost forms only the Gram's first row and its diagonal (per-source
+    sums: 2·K' instead of K'² products; embeddings: the touched (source, row) pairs)."""
+    from auxilia.engine import factors
+
+    if route == "source":
+        for kind in (factors.Dense2D, factors.EmbeddingRows, factors.PerSample):
+            monkeypatch.setattr(kind, "source_cost", lambda self, *a: 0.0)
+            monkeypatch.setattr(kind, "kernel_cost", lambda self, *a: 1.0)
+    tokens = torch.randint(0, 6, (8, 4), generator=torch.Generator().manual_seed(7))
+    ids = torch.tensor([0, 1, 2, 1, 0, 2, 2, 3])
+    make: Any
+    if model.startswith("mixed"):
+        make, losses = Mixed, lambda m: m.losses(tokens, model == "mixed-split")
+    elif model == "encoder":
+        enc = encoder_batch(11, 4, ids.tolist(), 5)
+        make, losses = (lambda: Encoder(11, 4, 2, True, 5)), (lambda m: m.losses(enc))
+    else:
+        spec = ConvSpec(2, 16, 4, 3, 2, 1, "zeros", 1, 2, True, "group", 6)
+        batch = cnn_batch(spec, ids.tolist(), 4)
+        make, losses = (lambda: CNN(spec, 4)), (lambda m: m.losses(batch))
+    needs = {Need.LOSSES, Need.TARGET_ROW, Need.NORMS}
+    # Two steps: the first is checked against exact (whole Gram); the second is the partial one.
+    got = run(make(), losses, ids, 5, "ghost", extra=needs, steps=2)
+    want = run(make(), losses, ids, 5, "exact", extra=needs, steps=2)
+    assert got.statistics.gram is None
+    for name in ("target_row", "norms"):
+        a, b = getattr(got.statistics, name), getattr(want.statistics, name)
+        assert relative_error(a, b) < 1e-10, (name, a, b)

@@ -66,8 +66,9 @@ from auxilia.engine.batched import (
     write_gradient,
 )
 from auxilia.engine.exact import accumulate
+from auxilia.engine.ghost import GhostRunner
 from auxilia.engine.jvp import FALLBACK_ERRORS, JvpRunner, checked_row, first_order
-from auxilia.engine.mode import Layout
+from auxilia.engine.mode import Layout, ModeContext
 from auxilia.engine.source_losses import split_by_source, split_by_task
 from auxilia.errors import AuxiliaError, ConfigError, EngineError
 from auxilia.statistics import Need
@@ -593,14 +594,17 @@ def breakdown(
     threads: int = 1,
     notes: list[str] | None = None,
 ) -> dict[str, float | None]:
-    """Median milliseconds of each phase of a step, for the ``jvp`` and ``batched`` modes.
+    """Median milliseconds of each phase of a step: the ``jvp`` and ``batched`` modes
+    (shared-input layout) or the ``ghost`` mode (partitioned).
 
     Runs the modes' own building blocks one at a time on a fresh graph each repetition:
     forward (to the per-sample losses), the engine's input checks (split), the first- and
     second-order passes of ``jvp``, its combine, the Jacobian of ``batched`` (vmapped, and as
     a loop of backward passes), its Gram matrix and its combine, and the plain backward and
     optimizer step for scale. Where the second-order pass fails (flash attention), its phases
-    are None and a line is added to ``notes``.
+    are None and a line is added to ``notes``. Partitioned: ``ghost``'s one backward pass to
+    the layers' outputs with its factors, the whole Gram matrix or only its target row and
+    norms (alternate repetitions), and the combine that writes ``.grad``.
     """
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -608,6 +612,8 @@ def breakdown(
         problem = make_problem(model_name, layout, k, seed)
         with warnings.catch_warnings():  # vmap's fallback warnings: the table shows the cost
             warnings.simplefilter("ignore")
+            if layout == "partitioned":
+                return _ghost_breakdown(problem, repeats)
             return _breakdown(problem, repeats, [] if notes is None else notes)
     finally:
         torch.set_num_threads(previous)
@@ -673,3 +679,43 @@ def _breakdown(problem: Problem, repeats: int, notes: list[str]) -> dict[str, fl
         out["jvp: first-order pass"] = out["jvp: second-order pass"] = None
         notes.append(f"jvp has no second-order pass here and measures through batched: {failure}")
     return out
+
+
+def _ghost_breakdown(problem: Problem, repeats: int) -> dict[str, float | None]:
+    model, optimizer = _copy(problem)
+    params: list[torch.Tensor] = list(model.parameters())
+    runner = GhostRunner(ModeContext(model, params, None, "partitioned"), verify=False)
+    alpha = torch.rand(problem.num_sources, dtype=torch.float64) + 0.5
+    phases: dict[str, list[float]] = {}
+
+    @contextlib.contextmanager
+    def timed(name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        phases.setdefault(name, []).append(time.perf_counter() - start)
+
+    try:
+        for repeat in range(2 * repeats + 2):
+            optimizer.zero_grad(set_to_none=True)
+            with timed("forward (layer hooks on)"):
+                losses = problem.losses(model)
+            with timed("engine input checks (split)"):
+                batch = split_by_source(losses, problem.ids, problem.num_sources)
+            with timed("plain backward"):
+                torch.autograd.grad(losses.mean(), params, retain_graph=True)
+            with timed("ghost: backward to layer outputs, factors"):
+                runner.capture.check()
+                step = runner.capture.collect(batch)
+            full = repeat % 2 == 0
+            with timed("ghost: Gram matrix" if full else "ghost: target row and norms"):
+                step.gram(full=full)
+            with timed("ghost: combine (.grad)"):
+                step.combine(alpha)
+            with timed("optimizer step"):
+                optimizer.step()
+            if repeat < 2:  # warm-up
+                phases.clear()
+    finally:
+        runner.close()
+    return {name: 1e3 * statistics.median(values) for name, values in phases.items()}
+

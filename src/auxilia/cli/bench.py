@@ -256,27 +256,35 @@ def speed(
             console.print(f"note: {r.model} {r.layout} K={r.k} {r.method}: {note}")
     document = records_json(records, settings, info)
     if breakdown:
-        phases: dict[str, dict[str, float | None]] = {}
         notes: list[str] = []
-        for model in settings.models:
-            for k in settings.ks:
-                found: list[str] = []
-                phases[f"{model} K={k}"] = phase_breakdown(
-                    model, k, settings.repeats, threads=settings.threads, notes=found
-                )
-                notes += [f"{model} K={k}: {line}" for line in found]
-        names = list(next(iter(phases.values())))
-        detail = Table(title="Where the time goes (shared-input, median ms per phase)")
-        detail.add_column("phase")
-        for case in phases:
-            detail.add_column(case, justify="right")
-        for name in names:
-            cells = [phases[case].get(name) for case in phases]
-            detail.add_row(name, *("n/a" if c is None else f"{c:.3f}" for c in cells))
-        console.print(detail)
+        for layout in settings.layouts:
+            phases: dict[str, dict[str, float | None]] = {}
+            for model in settings.models:
+                for k in settings.ks:
+                    found: list[str] = []
+                    phases[f"{model} K={k}"] = phase_breakdown(
+                        model,
+                        k,
+                        settings.repeats,
+                        layout=layout,
+                        threads=settings.threads,
+                        notes=found,
+                    )
+                    notes += [f"{model} K={k}: {line}" for line in found]
+            names = list(next(iter(phases.values())))
+            detail = Table(title=f"Where the time goes ({layout}, median ms per phase)")
+            detail.add_column("phase")
+            for case in phases:
+                detail.add_column(case, justify="right")
+            for name in names:
+                cells = [phases[case].get(name) for case in phases]
+                detail.add_row(name, *("n/a" if c is None else f"{c:.3f}" for c in cells))
+            console.print(detail)
+            # "breakdown" keeps the shared-input phases (as before); partitioned ones beside it
+            key = "breakdown" if layout == "shared-input" else f"breakdown_{layout}"
+            document[key] = phases
         for line in notes:
             console.print(f"note: {line}")
-        document["breakdown"] = phases
         document["breakdown_notes"] = notes
     if json_out is not None:
         write_json(json_out, document)

@@ -188,7 +188,8 @@ class Dense2D(Factor):
         self.din = a.shape[3]
         self.dtype = b.dtype
         self.shared = a.shape[0] == 1 and self.rows > 1
-        self.simple = self.positions == 1 and self.groups == 1 and not self.shared
+        single = self.positions == 1 and self.groups == 1 and not self.shared
+        self.simple = single and order is None
         self._weight_cache: torch.Tensor | None = None  # per-row weight gradients, if formed
         self._bias_cache: torch.Tensor | None = None
 
@@ -389,6 +390,7 @@ class EmbeddingRows(Factor):
         self.rows, self.positions, self.width_d = b.shape
         self.vocab = shape[0]
         self.dtype = b.dtype
+        self._pair_bound: int | None = None
 
     def _full_idx(self) -> torch.Tensor:
         return self.idx.expand(self.rows, self.positions)
@@ -420,22 +422,59 @@ class EmbeddingRows(Factor):
         out.index_add_(0, flat, self.b.reshape(-1, self.width_d))
         return out.view(width, -1)
 
+    def _same_token_pairs(self) -> int:
+        """Σ_v n_v² over the step's token counts n_v: a bound on the (source, token) pairs of
+        per-source sums that meet on a table row."""
+        if self._pair_bound is None:
+            _, counts = torch.unique(self.idx, return_counts=True)
+            per_row = self.rows if self.idx.shape[0] == 1 and self.rows > 1 else 1
+            self._pair_bound = int((counts.to(torch.float64) ** 2).sum()) * per_row * per_row
+        return self._pair_bound
+
     def source_cost(self, width: int, full: bool = True) -> float:
-        unique = min(self.vocab, self.idx.numel())
-        return (
-            OVERHEAD
-            + 2 * MEMORY * self.rows * self.positions * self.width_d
-            + _products(width, full) * unique * self.width_d
-        )
+        n = self.rows * self.positions
+        products = self._same_token_pairs() if full else 2 * n
+        return OVERHEAD + 4 * MEMORY * n * self.width_d + products * (self.width_d + MEMORY)
 
     def source_gram(self, column: torch.Tensor, width: int, full: bool = True) -> torch.Tensor:
-        """Only the rows of the table this step reads: width² · unique · D."""
-        uniq, inverse = torch.unique(self.idx, return_inverse=True)
-        size = int(uniq.numel())
-        out = torch.zeros(width * size, self.width_d, dtype=self.dtype, device=self.b.device)
-        flat = self._flat_index(column, size, inverse.expand(self.rows, self.positions))
-        out.index_add_(0, flat, self.b.reshape(-1, self.width_d))
-        return gram_of([out.view(width, -1)], full)
+        """The Gram of the per-source sums from the (source, row of the table) pairs the step
+        touches, never a [width, V, D] table: a source's sum on row v meets another's only on
+        the same v. Cost ~ pairs·D (row and norms), Σ_v n_v²·D (whole matrix)."""
+        device = self.b.device
+        keys = self._flat_index(column, self.vocab, self._full_idx())
+        unique, inverse = torch.unique(keys, return_inverse=True)
+        sums = torch.zeros(unique.numel(), self.width_d, dtype=self.dtype, device=device)
+        sums.index_add_(0, inverse, self.b.reshape(-1, self.width_d))
+        source, token = unique // self.vocab, unique % self.vocab  # sorted by source, token
+        out = torch.zeros(width, width, dtype=self.dtype, device=device)
+        if not full:
+            out.diagonal().index_add_(0, source, (sums * sums).sum(1))
+            first = source == 0  # the first column's pairs, tokens ascending
+            tokens, vectors = token[first], sums[first]
+            if tokens.numel():
+                at = torch.searchsorted(tokens, token).clamp_max(tokens.numel() - 1)
+                dots = (sums * vectors[at]).sum(1) * (tokens[at] == token).to(self.dtype)
+                row = torch.zeros(width, dtype=self.dtype, device=device).index_add_(
+                    0, source, dots
+                )
+                out[0] = row
+                out[:, 0] = row
+            return out
+        # Every pair of pairs on the same token: group them by token, enumerate within groups.
+        order = torch.argsort(token, stable=True)
+        source, sums = source[order], sums[order]
+        _, counts = torch.unique_consecutive(token[order], return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        size = torch.repeat_interleave(counts, counts)  # group size of each pair
+        begin = torch.repeat_interleave(starts, counts)
+        left = torch.repeat_interleave(torch.arange(size.numel(), device=device), size)
+        offset = torch.arange(left.numel(), device=device) - torch.repeat_interleave(
+            torch.cumsum(size, 0) - size, size
+        )
+        right = begin[left] + offset
+        dots = (sums[left] * sums[right]).sum(1)
+        out.view(-1).index_add_(0, source[left] * width + source[right], dots)
+        return out
 
     def combine(self, c: torch.Tensor) -> list[torch.Tensor]:
         out = torch.zeros(self.shapes[0], dtype=self.dtype, device=self.b.device)
