@@ -607,3 +607,82 @@ def test_target_row_and_norms_alone_match_exact(
     for name in ("target_row", "norms"):
         a, b = getattr(got.statistics, name), getattr(want.statistics, name)
         assert relative_error(a, b) < 1e-10, (name, a, b)
+
+
+class AttentionCalls(nn.Module):
+    """``nn.MultiheadAttention`` called in the ways models call it, then a linear read-out."""
+
+    def __init__(self, style: str, batch_first: bool) -> None:
+        super().__init__()
+        self.style = style
+        self.batch_first = batch_first
+        self.embed = nn.Embedding(9, 8)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=batch_first, dropout=0.3)
+        self.out = nn.Linear(8, 2)
+        self.to(F64)
+        randomise(self, 13)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)
+        x = h if self.batch_first else h.transpose(0, 1)
+        length = tokens.shape[1]
+        causal = torch.triu(torch.ones(length, length, dtype=torch.bool), 1)
+        weights = None
+        if self.style == "default":  # need_weights=True, the weights unused
+            a, _ = self.attention(x, x, x)
+        elif self.style == "weights-used":  # their gradient reaches the loss: torch.func route
+            a, weights = self.attention(x, x, x)
+        elif self.style == "causal-bool":
+            a, _ = self.attention(x, x, x, attn_mask=causal, is_causal=True, need_weights=False)
+        elif self.style == "float-masks":
+            bias = torch.linspace(-1.0, 1.0, length * length, dtype=F64).view(length, length)
+            padding = torch.zeros(tokens.shape, dtype=F64)
+            padding[:, -1] = -2.0
+            a, _ = self.attention(x, x, x, attn_mask=bias, key_padding_mask=padding)
+        elif self.style == "per-head-mask":
+            heads = causal.expand(tokens.shape[0] * 2, -1, -1)
+            a, _ = self.attention(x, x, x, attn_mask=heads, need_weights=False)
+        elif self.style == "cross":  # keys and values from another tensor: torch.func route
+            a, _ = self.attention(x, x * 0.5, x * 0.5, need_weights=False)
+        else:
+            raise AssertionError(self.style)
+        a = a if self.batch_first else a.transpose(0, 1)
+        extra = 0.0 if weights is None else weights[:, :, 0].sum(1, keepdim=True)  # key 0
+        return self.out(a.mean(1)) + extra
+
+    def losses(self, tokens: torch.Tensor) -> torch.Tensor:
+        return (self(tokens) ** 2).sum(1)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize(
+    "style",
+    ["default", "weights-used", "causal-bool", "float-masks", "per-head-mask", "cross"],
+)
+def test_attention_calls_match_exact(style: str, batch_first: bool) -> None:
+    """Self-attention through its projections' factors (dropout off in eval mode), every other
+    call through the exact torch.func route: statistics and .grad as exact's."""
+    tokens = torch.randint(0, 9, (8, 4), generator=torch.Generator().manual_seed(2))
+
+    def make() -> nn.Module:
+        return AttentionCalls(style, batch_first).eval()
+
+    compare(make, lambda m: m.losses(tokens), IDS, 3)  # type: ignore[operator]
+
+
+def test_attention_unit_takes_the_projection_route() -> None:
+    """A plain self-attention call gives linear factors (no per-sample replay under vmap)."""
+    from auxilia.engine.capture import AttentionUnit
+    from auxilia.engine.factors import Dense2D
+    from auxilia.engine.source_losses import split_by_source
+
+    model = AttentionCalls("default", True).eval()
+    params = list(model.parameters())
+    runner = GhostRunner(ModeContext(model, params, None, "partitioned"), verify=False)
+    tokens = torch.randint(0, 9, (8, 4), generator=torch.Generator().manual_seed(2))
+    (unit,) = [u for u in runner.capture.units if isinstance(u, AttentionUnit)]
+    step = runner.capture.collect(split_by_source(model.losses(tokens), IDS, 3))
+    runner.close()
+    packed = unit.module.in_proj_weight
+    kinds = [type(f) for ps, _, f in step.entries if any(p is packed for p in ps)]
+    assert kinds == [Dense2D]

@@ -22,9 +22,12 @@ One backward
     * ``LayerNorm``, ``RMSNorm``, ``GroupNorm``, ``BatchNorm`` (running statistics, or batch
       statistics of an input that needs no gradient): the affine gradients x̂ ⊙ b and b, summed
       over positions, with x̂ recomputed from the recorded input;
+    * ``nn.MultiheadAttention`` called as self-attention (packed in-projection, no
+      ``bias_k``/``bias_v``, no dropout at work, masks of any kind): the in-projection and
+      ``out_proj`` as linear layers, on the recorded input and on the context from one replay
+      of the attention core (:class:`AttentionUnit`); other calls take the route below;
     * every other module owning shared parameters (a custom layer, a raw ``nn.Parameter`` used
-      in a parent's forward, ``nn.MultiheadAttention`` whose packed in-projection and
-      ``out_proj`` it uses directly): exact per-sample gradients of that module's own
+      in a parent's forward): exact per-sample gradients of that module's own
       parameters with ``torch.func`` — ``functional_call`` replayed per sample under ``vmap``,
       ``vjp`` with the recorded output gradients. The replay must be deterministic (no dropout
       in training mode inside that module) and vmappable; otherwise a clear
@@ -110,6 +113,7 @@ class Call:
     versions: list[tuple[torch.Tensor, int]]  # inputs and their version counters at the call
     autocast: tuple[str, bool, torch.dtype]
     batch_stats: bool = False  # BatchNorm normalised with the batch's own statistics
+    self_attention: bool = False  # MultiheadAttention called with query is key is value
 
 
 @dataclass
@@ -542,6 +546,137 @@ class FunctionalUnit(Unit):
         return [(params, PerSample(list(total.values()), [p.shape for p in params]))]
 
 
+class AttentionUnit(FunctionalUnit):
+    """``nn.MultiheadAttention`` used as self-attention: its projections as linear factors.
+
+    The packed in-projection is a linear layer on the input x (b: the gradient of the
+    projected q, k, v) and ``out_proj`` one on the attention's context (b: the output's
+    gradient). The context and the projections' gradient come from one replay of the
+    attention core (q kᵀ/√d, masks, softmax, ·v) on the recorded input, with no ``vmap``.
+    Calls this does not cover (cross-attention, separate q/k/v weights, ``bias_k``/``bias_v``,
+    ``add_zero_attn``, dropout in training mode, attention weights that receive a gradient,
+    rows that are not the samples) take the exact ``torch.func`` route of the parent class.
+    """
+
+    NAMES = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
+
+    def record(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Call | None:
+        call = super().record(args, kwargs, output)
+        if call is not None:
+            bound = dict(zip(self.NAMES, args, strict=False))
+            bound.update(kwargs)
+            q = bound.get("query")
+            call.self_attention = (
+                isinstance(q, torch.Tensor) and q is bound.get("key") and q is bound.get("value")
+            )
+        return call
+
+    def covered(self, call: Call, cotangents: list[torch.Tensor], n: int) -> bool:
+        """Whether the replay covers this call exactly."""
+        m = self.module
+        assert isinstance(m, nn.MultiheadAttention)
+        if not (call.self_attention and m._qkv_same_embed_dim and m.in_proj_weight is not None):
+            return False
+        if m.bias_k is not None or m.bias_v is not None or m.add_zero_attn:
+            return False
+        if m.training and m.dropout > 0.0:
+            return False
+        if self.batch_dims(call, n) is None:
+            return False
+        # The attention weights' gradient, when they were returned and used, is not covered.
+        used = [bool(c.any()) for j, c in zip(call.leaves, cotangents, strict=True) if j != 0]
+        return not any(used)
+
+    def factors(
+        self, items: list[tuple[Call, list[torch.Tensor]]], rows: int, per_sample: bool
+    ) -> list[tuple[list[torch.Tensor], Factor]]:
+        fast: list[tuple[Call, list[torch.Tensor]]] = []
+        rest: list[tuple[Call, list[torch.Tensor]]] = []
+        for call, grads in items:
+            (fast if per_sample and self.covered(call, grads, rows) else rest).append((call, grads))
+        out = super().factors(rest, rows, per_sample) if rest else []
+        if not fast:
+            return out
+        dt = self.dtype()
+        replays = [self.replay_call(call, grads[call.leaves.index(0)]) for call, grads in fast]
+        layers = (("in_proj_weight", "in_proj_bias", 0), ("out_proj.weight", "out_proj.bias", 2))
+        for weight, bias, first in layers:  # (input, its b) at first, first + 1 of each replay
+            w, b = self.params.get(weight), self.params.get(bias)
+            params = [t for t in (w, b) if t is not None]
+            if params:
+                a = _cat([r[first].to(dt).unsqueeze(2) for r in replays])
+                g = _cat([r[first + 1].to(dt).unsqueeze(2) for r in replays])
+                shapes = (None if w is None else w.shape, None if b is None else b.shape)
+                out.append((params, Dense2D(a, g, *shapes)))
+        return out
+
+    def replay_call(
+        self, call: Call, cotangent: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x, ∂L/∂qkv, context, ∂L/∂output), each [N, T, ·], from one replay of the core."""
+        m = self.module
+        assert isinstance(m, nn.MultiheadAttention)
+        bound = dict(zip(self.NAMES, call.args, strict=False))
+        bound.update(call.kwargs)
+        x = bound["query"]
+        grad_out = cotangent
+        if x.dim() == 2:  # unbatched [T, E]
+            x, grad_out = x.unsqueeze(0), grad_out.unsqueeze(0)
+        elif not m.batch_first:
+            x, grad_out = x.transpose(0, 1), grad_out.transpose(0, 1)
+        n, length, width = x.shape
+        heads, dim = m.num_heads, width // m.num_heads
+        mask = _attention_mask(bound, n, heads, length, x)
+        device, enabled, dtype = call.autocast
+        self.replay(True)
+        try:
+            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+                projected = F.linear(x, m.in_proj_weight.detach(), _detach(m.in_proj_bias))
+                projected = projected.detach().requires_grad_(True)
+                q, k, v = (
+                    t.reshape(n, length, heads, dim).transpose(1, 2)
+                    for t in projected.chunk(3, dim=-1)
+                )
+                context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                context = context.transpose(1, 2).reshape(n, length, width)
+                grad_context = grad_out.to(context.dtype) @ m.out_proj.weight.detach().to(
+                    context.dtype
+                )
+                (grad_projected,) = torch.autograd.grad(context, projected, grad_context)
+        finally:
+            self.replay(False)
+        return x, grad_projected, context.detach(), grad_out
+
+
+def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
+
+
+def _attention_mask(
+    bound: dict[str, Any], n: int, heads: int, length: int, like: torch.Tensor
+) -> torch.Tensor | None:
+    """``attn_mask`` and ``key_padding_mask`` as one additive mask [N, H, T, T] (boolean
+    True: not attended, as in ``nn.MultiheadAttention``), or None."""
+
+    def additive(mask: torch.Tensor) -> torch.Tensor:
+        if mask.dtype == torch.bool:
+            return torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill(
+                mask, float("-inf")
+            )
+        return mask.to(like.dtype)
+
+    total: torch.Tensor | None = None
+    attn = bound.get("attn_mask")
+    if isinstance(attn, torch.Tensor):
+        a = additive(attn)
+        total = a.view(1, 1, length, length) if a.dim() == 2 else a.view(n, heads, length, length)
+    padding = bound.get("key_padding_mask")
+    if isinstance(padding, torch.Tensor):
+        p = additive(padding).view(n, 1, 1, length)
+        total = p if total is None else total + p
+    return total
+
+
 def _floating(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype) if t.is_floating_point() else t
 
@@ -628,6 +763,10 @@ def _unit_for(name: str, module: nn.Module, params: dict[str, torch.Tensor]) -> 
                         "write dense gradients; use mode='exact'"
                     )
                 return kind(name, module, params)
+    if isinstance(module, nn.MultiheadAttention) and (
+        type(module).forward is nn.MultiheadAttention.forward
+    ):
+        return AttentionUnit(name, module, params)
     return FunctionalUnit(name, module, params)
 
 
@@ -837,7 +976,7 @@ class Capture:
             mine: dict[str, torch.Tensor] = {k: p for k, p in owned.items() if id(p) in shared_ids}
             if mine:
                 unit = _unit_for(name, module, mine)
-                if isinstance(unit, FunctionalUnit):
+                if isinstance(unit, FunctionalUnit):  # AttentionUnit included
                     unit.replay = self._set_replay
                 self.units.append(unit)
         covered = {id(p) for u in self.units for p in u.params.values()}
