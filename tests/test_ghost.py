@@ -686,3 +686,30 @@ def test_attention_unit_takes_the_projection_route() -> None:
     packed = unit.module.in_proj_weight
     kinds = [type(f) for ps, _, f in step.entries if any(p is packed for p in ps)]
     assert kinds == [Dense2D]
+
+
+@pytest.mark.parametrize("table", ["dense", "pairs"])
+@pytest.mark.parametrize("whole", [True, False])
+def test_embedding_gram_on_both_tables(
+    table: str, whole: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Embedding Gram (whole, or row and norms) from the dense per-source table and from the
+    sparse (source, row) pairs, per sample and per source, against exact."""
+    from auxilia.engine import factors
+
+    monkeypatch.setattr(factors.EmbeddingRows, "kernel_cost", lambda self: float("inf"))
+    monkeypatch.setattr(factors.EmbeddingRows, "_dense_table", lambda self, w: table == "dense")
+    tokens = torch.randint(0, 6, (8, 4), generator=torch.Generator().manual_seed(9))
+    ids = torch.tensor([0, 1, 2, 1, 0, 2, 2, 3])
+    needs = {Need.LOSSES, Need.TARGET_ROW, Need.NORMS} | ({Need.GRAM} if whole else set())
+    for split in (False, True):
+
+        def losses(m: nn.Module, split: bool = split) -> torch.Tensor:
+            return m.losses(tokens, split)  # type: ignore[operator, no-any-return]
+
+        got = run(Mixed(), losses, ids, 5, "ghost", extra=needs, steps=2)
+        want = run(Mixed(), losses, ids, 5, "exact", extra=needs, steps=2)
+        names = ("gram", "target_row", "norms") if whole else ("target_row", "norms")
+        for name in names:
+            a, b = getattr(got.statistics, name), getattr(want.statistics, name)
+            assert relative_error(a, b) < 1e-10, (split, name, a, b)

@@ -390,7 +390,7 @@ class EmbeddingRows(Factor):
         self.rows, self.positions, self.width_d = b.shape
         self.vocab = shape[0]
         self.dtype = b.dtype
-        self._pair_bound: int | None = None
+        self._counts: torch.Tensor | None = None
 
     def _full_idx(self) -> torch.Tensor:
         return self.idx.expand(self.rows, self.positions)
@@ -422,25 +422,46 @@ class EmbeddingRows(Factor):
         out.index_add_(0, flat, self.b.reshape(-1, self.width_d))
         return out.view(width, -1)
 
+    def _token_counts(self) -> torch.Tensor:
+        """How often each table row read this step is read (over all rows' positions)."""
+        if self._counts is None:
+            _, counts = torch.unique(self.idx, return_counts=True)
+            if self.idx.shape[0] == 1 and self.rows > 1:
+                counts = counts * self.rows
+            self._counts = counts
+        return self._counts
+
     def _same_token_pairs(self) -> int:
         """Σ_v n_v² over the step's token counts n_v: a bound on the (source, token) pairs of
         per-source sums that meet on a table row."""
-        if self._pair_bound is None:
-            _, counts = torch.unique(self.idx, return_counts=True)
-            per_row = self.rows if self.idx.shape[0] == 1 and self.rows > 1 else 1
-            self._pair_bound = int((counts.to(torch.float64) ** 2).sum()) * per_row * per_row
-        return self._pair_bound
+        return int((self._token_counts().to(torch.float64) ** 2).sum())
+
+    def _dense_table(self, width: int) -> bool:
+        """Per-source sums as a dense [width, rows read, D] table while it is at most a few
+        times the size of B (a handful of operations); beyond, the sparse pair route."""
+        return width * int(self._token_counts().numel()) <= 4 * self.rows * self.positions
 
     def source_cost(self, width: int, full: bool = True) -> float:
         n = self.rows * self.positions
-        products = self._same_token_pairs() if full else 2 * n
+        if self._dense_table(width):
+            products = _products(width, full) * int(self._token_counts().numel())
+        else:
+            products = self._same_token_pairs() if full else 2 * n
         return OVERHEAD + 4 * MEMORY * n * self.width_d + products * (self.width_d + MEMORY)
 
     def source_gram(self, column: torch.Tensor, width: int, full: bool = True) -> torch.Tensor:
-        """The Gram of the per-source sums from the (source, row of the table) pairs the step
-        touches, never a [width, V, D] table: a source's sum on row v meets another's only on
-        the same v. Cost ~ pairs·D (row and norms), Σ_v n_v²·D (whole matrix)."""
+        """The Gram of the per-source sums over the table rows this step reads: a dense
+        [width, rows read, D] table when small (see :meth:`_dense_table`), else from the
+        (source, row) pairs the step touches: a source's sum on row v meets another's only on
+        the same v, so the cost is ~pairs·D (row and norms), Σ_v n_v²·D (whole matrix)."""
         device = self.b.device
+        if self._dense_table(width):
+            uniq, inverse = torch.unique(self.idx, return_inverse=True)
+            read = int(uniq.numel())
+            table = torch.zeros(width * read, self.width_d, dtype=self.dtype, device=device)
+            flat = self._flat_index(column, read, inverse.expand(self.rows, self.positions))
+            table.index_add_(0, flat, self.b.reshape(-1, self.width_d))
+            return gram_of([table.view(width, -1)], full)
         keys = self._flat_index(column, self.vocab, self._full_idx())
         unique, inverse = torch.unique(keys, return_inverse=True)
         sums = torch.zeros(unique.numel(), self.width_d, dtype=self.dtype, device=device)
