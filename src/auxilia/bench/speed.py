@@ -62,7 +62,6 @@ from auxilia.engine.batched import (
     jacobian_statistics,
     sequential_jacobian,
     split_shared,
-    stacked_means,
     write_gradient,
 )
 from auxilia.engine.exact import accumulate
@@ -646,7 +645,7 @@ def _breakdown(problem: Problem, repeats: int, notes: list[str]) -> dict[str, fl
                 batch = split_by_task(losses, problem.num_sources)
             else:
                 batch = split_by_source(losses, problem.ids, problem.num_sources)
-        means = stacked_means(batch, layout)
+        means = batch.mean_vector
         with timed("plain backward"):
             torch.autograd.grad(means.sum(), params, retain_graph=True)
         if failure is None:

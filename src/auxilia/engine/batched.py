@@ -17,7 +17,7 @@ returns numbers from a failed pass. Where vmap runs but slowly (on CPU, convolut
 pooling backward have no real batching rule and loop inside vmap), the first steps time both
 paths and the runner keeps the faster one (:class:`BatchedRunner`).
 
-The helpers here (:func:`stacked_means`, :func:`split_shared`, :func:`write_gradient`) are
+The helpers here (:func:`split_shared`, :func:`write_gradient`) are
 shared with the ``jvp`` mode, which also measures through this mode where its second-order
 pass cannot run.
 """
@@ -42,23 +42,6 @@ from auxilia.statistics import Need, Statistics
 VMAP_ERRORS: tuple[type[Exception], ...] = (RuntimeError, NotImplementedError)
 
 
-def stacked_means(batch: SourceLosses, layout: Layout) -> torch.Tensor:
-    """The mean loss of every source as one graph-connected vector [K+1] (0 where absent).
-
-    Built with one or two operations on the per-sample losses rather than by stacking the
-    K+1 scalar means, so that a backward pass through it costs the same for any K.
-    """
-    losses = batch.losses
-    if layout == "shared-input":
-        return losses.mean(dim=0) if losses.dim() == 2 else losses
-    num = batch.num_sources
-    sums = torch.zeros(num, dtype=losses.dtype, device=losses.device).index_add(
-        0, batch.ids, losses
-    )
-    counts = batch.counts.to(device=losses.device, dtype=losses.dtype).clamp_min(1)
-    return sums / counts
-
-
 def split_shared(
     params: Sequence[torch.Tensor], shared: Sequence[torch.Tensor] | None
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -76,26 +59,27 @@ def write_combined(
     params: Sequence[torch.Tensor],
     weights: torch.Tensor,
 ) -> None:
-    """Accumulate the gradient of Σ_k weights_k m_k into ``.grad`` of ``params`` (one pass)."""
+    """Accumulate the gradient of Σ_k weights_k m_k into ``.grad`` of ``params`` (one pass).
+
+    ``backward`` restricted to ``params`` accumulates as ``loss.backward()`` does (a fresh
+    gradient becomes ``.grad`` without a copy); parameters it does not reach are left alone.
+    """
     if not params:
         return
-    grads = torch.autograd.grad(
+    torch.autograd.backward(
         means,
-        list(params),
-        grad_outputs=weights.to(device=means.device, dtype=means.dtype),
+        grad_tensors=weights.to(device=means.device, dtype=means.dtype),
+        inputs=list(params),
         retain_graph=True,
-        allow_unused=True,
     )
-    for param, grad in zip(params, grads, strict=True):
-        if grad is not None:
-            accumulate(param, grad)
 
 
 def write_unweighted(
     means: torch.Tensor, others: Sequence[torch.Tensor], present: torch.Tensor
 ) -> None:
     """Σ_k g_k (present k) into ``.grad`` of the parameters that are not shared (heads)."""
-    write_combined(means, others, present.to(torch.float64))
+    if others:
+        write_combined(means, others, present.to(torch.float64))
 
 
 def write_gradient(
@@ -311,7 +295,7 @@ class BatchedRunner:
         self.timings: dict[Path, list[float]] = {"vmap": [], "loop": []}
 
     def measure(self, batch: SourceLosses, needs: frozenset[Need]) -> JacobianMeasurement:
-        means = stacked_means(batch, self.layout)
+        means = batch.mean_vector
         rows = batch.present.nonzero().squeeze(1).tolist()
         if not needs & GRADIENT_NEEDS or not self.shared:
             losses = batch.values() if Need.LOSSES in needs else None

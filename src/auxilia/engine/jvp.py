@@ -39,7 +39,6 @@ from auxilia.engine.batched import (
     JacobianMeasurement,
     product_dtype,
     split_shared,
-    stacked_means,
     write_gradient,
 )
 from auxilia.engine.mode import Layout, Measurement, Mode, ModeContext
@@ -205,7 +204,7 @@ class JvpRunner:
             Need.TARGET_ROW in needs and int(present.sum()) <= self.ROWS_AT_MOST
         ):
             return self._batched_measure(batch, needs)
-        means = stacked_means(batch, self.layout)
+        means = batch.mean_vector
         losses = batch.values() if Need.LOSSES in needs else None
         if Need.TARGET_ROW not in needs:  # the losses alone: no pass before combine
             stats = Statistics(present=present, losses=losses)
