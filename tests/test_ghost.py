@@ -713,36 +713,3 @@ def test_embedding_gram_on_both_tables(
         for name in names:
             a, b = getattr(got.statistics, name), getattr(want.statistics, name)
             assert relative_error(a, b) < 1e-10, (split, name, a, b)
-
-
-@pytest.mark.parametrize("whole", [True, False])
-def test_per_source_sums_grouped_by_source(whole: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Linear and convolution sums per source from one product per source over its gathered
-    rows (no per-sample gradients), whole Gram or row and norms, then the combine: as exact."""
-    from auxilia.engine import factors
-
-    monkeypatch.setattr(factors.Dense2D, "kernel_cost", lambda self: float("inf"))
-    monkeypatch.setattr(factors.Dense2D, "_grouped_cost", lambda self, width: 0.0)
-    ids = torch.tensor([0, 1, 2, 1, 0, 2, 2, 3])
-    needs = {Need.LOSSES, Need.TARGET_ROW, Need.NORMS} | ({Need.GRAM} if whole else set())
-    tokens = torch.randint(0, 6, (8, 4), generator=torch.Generator().manual_seed(3))
-    specs = [
-        ConvSpec(2, 16, 4, 3, 2, 1, "zeros", 1, 2, True, "group", 6),  # channels-last
-        ConvSpec(1, 4, 4, 3, 1, 1, "reflect", 2, 2, False, "none", 7),
-    ]
-    cases: list[tuple[Any, Any]] = [(Mixed, lambda m: m.losses(tokens, False))]
-    for spec in specs:
-        batch = cnn_batch(spec, ids.tolist(), 4)
-        cases.append((lambda s=spec: CNN(s, 4), lambda m, b=batch: m.losses(b)))
-    enc = encoder_batch(11, 4, ids.tolist(), 5)
-    cases.append((lambda: Encoder(11, 4, 2, True, 5), lambda m: m.losses(enc)))
-    for make, losses in cases:
-        got = run(make(), losses, ids, 5, "ghost", extra=needs, steps=2)
-        want = run(make(), losses, ids, 5, "exact", extra=needs, steps=2)
-        for name in ("gram", "target_row", "norms") if whole else ("target_row", "norms"):
-            a, b = getattr(got.statistics, name), getattr(want.statistics, name)
-            assert relative_error(a, b) < 1e-10, (make, name)
-        for i, (a, b) in enumerate(zip(got.grads, want.grads, strict=True)):
-            assert (a is None) == (b is None)
-            if a is not None and b is not None:
-                assert relative_error(a, b) < 1e-10, (make, i)

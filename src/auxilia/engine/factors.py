@@ -32,7 +32,6 @@ BLOCK = 1 << 24  # elements: the largest intermediate a factor forms in one piec
 # as this many multiply-adds (memory-bound), and every route has a fixed launch overhead.
 MEMORY = 20.0
 OVERHEAD = 5e4
-CALL = 2e5  # one more small operation issued from Python (slicing, a product, a sum)
 
 
 @dataclass(frozen=True)
@@ -262,26 +261,8 @@ class Dense2D(Factor):
             self._bias_cache = g
         return g
 
-    def _grouped_cost(self, width: int) -> float:
-        """Multiply-adds of per-column sums by one product per column over its rows (gathered
-        together), and of the combine's own product afterwards (no per-row gradients to reuse);
-        versus :meth:`_rows_cost`: per-row gradients, summed and reused by the combine."""
-        product = self.rows * self.positions * self.groups * self.din * self.dout
-        gather = MEMORY * self.rows * self.positions * self.groups * (self.din + self.dout)
-        return 2 * product + gather + 3 * width * CALL
-
-    def _rows_cost(self) -> float:
-        product = self.rows * self.positions * self.groups * self.din * self.dout
-        return product + 3 * MEMORY * self.rows * self.numel
-
     def _sums(self, column: torch.Tensor, width: int) -> list[torch.Tensor]:
         """Per-column sums [width, ·] of the weight rows (in A's column order) and bias rows."""
-        if (
-            not self.shared
-            and self._weight_cache is None
-            and self._grouped_cost(width) < self._rows_cost()
-        ):
-            return self._grouped_sums(column, width)
         out = []
         for size, rows in (
             (0 if self.weight is None else math.prod(self.weight), self._weight_rows),
@@ -296,41 +277,6 @@ class Dense2D(Factor):
                 total.index_add_(0, column[start:stop], rows(start, stop))
             out.append(total)
         return out
-
-    def _grouped_sums(self, column: torch.Tensor, width: int) -> list[torch.Tensor]:
-        """Per-column sums without per-row gradients: the rows of each column gathered, then
-        one product Σ_t b_t a_tᵀ per column (fewer intermediates than N per-row gradients when
-        there are few columns)."""
-        order = torch.argsort(column, stable=True)
-        counts = torch.bincount(column, minlength=width).tolist()
-        a, b = self.a[order], self.b[order]  # [R, T, G, ·], rows grouped by column
-        device = self.b.device
-        weight = (
-            None
-            if self.weight is None
-            else torch.zeros(
-                width, self.groups, self.dout, self.din, dtype=self.dtype, device=device
-            )
-        )
-        bias = (
-            None
-            if self.bias is None
-            else torch.zeros(width, self.groups * self.dout, dtype=self.dtype, device=device)
-        )
-        start = 0
-        for c, count in enumerate(counts):
-            if not count:
-                continue
-            stop = start + count
-            bc = b[start:stop].reshape(-1, self.groups, self.dout)  # [rows·T, G, dout]
-            if weight is not None:
-                ac = a[start:stop].reshape(-1, self.groups, self.din)
-                torch.bmm(bc.permute(1, 2, 0), ac.transpose(0, 1), out=weight[c])
-            if bias is not None:
-                bias[c] = bc.sum(0).reshape(-1)
-            start = stop
-        out = [] if weight is None else [weight.view(width, -1)]
-        return out if bias is None else [*out, bias]
 
     def per_source(self, column: torch.Tensor, width: int) -> torch.Tensor:
         parts = self._sums(column, width)
