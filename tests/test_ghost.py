@@ -299,13 +299,15 @@ def test_target_ema_and_validation_strategies(strategy: str) -> None:
         assert relative_error(a, b) <= TOL  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("which", ["mlp", "cnn", "encoder"])
+@pytest.mark.parametrize("which", ["mlp", "cnn", "cnn-channels-last", "encoder"])
 def test_bfloat16_autocast_on_cpu(which: str) -> None:
     ids = torch.tensor([0, 1, 2, 1, 0, 2, 2, 1, 0, 0])
     spec = ConvSpec(2, 4, 8, 3, 1, 1, "zeros", 1, 2, True, "group", 6)
+    wide = ConvSpec(2, 16, 8, 3, 2, 1, "zeros", 1, 2, True, "group", 6)
     makers = {
         "mlp": (lambda: MLP([5, 16, 16], [True, True], seed=0), mlp_batch(10, 5, ids.tolist(), 0)),
         "cnn": (lambda: CNN(spec, 0), cnn_batch(spec, ids.tolist(), 0)),
+        "cnn-channels-last": (lambda: CNN(wide, 0), cnn_batch(wide, ids.tolist(), 0)),
         "encoder": (lambda: Encoder(11, 8, 2, True, 0), encoder_batch(11, 5, ids.tolist(), 0)),
     }
     make, batch64 = makers[which]
