@@ -618,6 +618,26 @@ def breakdown(
         torch.set_num_threads(previous)
 
 
+class Phases:
+    """Wall times of named phases over repetitions (``clear`` drops the warm-up's)."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, list[float]] = {}
+
+    @contextlib.contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.times.setdefault(name, []).append(time.perf_counter() - start)
+
+    def clear(self) -> None:
+        self.times.clear()
+
+    def medians(self) -> dict[str, float]:
+        """Median milliseconds of each phase, in the order first timed."""
+        return {name: 1e3 * statistics.median(values) for name, values in self.times.items()}
+
+
 def _breakdown(problem: Problem, repeats: int, notes: list[str]) -> dict[str, float | None]:
     layout = problem.layout
     model, optimizer = _copy(problem)
@@ -625,14 +645,8 @@ def _breakdown(problem: Problem, repeats: int, notes: list[str]) -> dict[str, fl
     shared, others = split_shared(params, problem.shared(model))
     present = torch.ones(problem.num_sources, dtype=torch.bool)
     alpha = torch.rand(problem.num_sources, dtype=torch.float64) + 0.5
-    phases: dict[str, list[float]] = {}
-
-    @contextlib.contextmanager
-    def timed(name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        phases.setdefault(name, []).append(time.perf_counter() - start)
-
+    phases = Phases()
+    timed = phases.timed
     rows = list(range(problem.num_sources))
     gram = frozenset({Need.GRAM})
     failure: str | None = None
@@ -671,9 +685,7 @@ def _breakdown(problem: Problem, repeats: int, notes: list[str]) -> dict[str, fl
             optimizer.step()
         if repeat < 2:  # warm-up
             phases.clear()
-    out: dict[str, float | None] = {
-        name: 1e3 * statistics.median(values) for name, values in phases.items()
-    }
+    out: dict[str, float | None] = dict(phases.medians())
     if failure is not None:
         out["jvp: first-order pass"] = out["jvp: second-order pass"] = None
         notes.append(f"jvp has no second-order pass here and measures through batched: {failure}")
@@ -685,14 +697,8 @@ def _ghost_breakdown(problem: Problem, repeats: int) -> dict[str, float | None]:
     params: list[torch.Tensor] = list(model.parameters())
     runner = GhostRunner(ModeContext(model, params, None, "partitioned"), verify=False)
     alpha = torch.rand(problem.num_sources, dtype=torch.float64) + 0.5
-    phases: dict[str, list[float]] = {}
-
-    @contextlib.contextmanager
-    def timed(name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        phases.setdefault(name, []).append(time.perf_counter() - start)
-
+    phases = Phases()
+    timed = phases.timed
     try:
         for repeat in range(2 * repeats + 2):
             optimizer.zero_grad(set_to_none=True)
@@ -716,5 +722,5 @@ def _ghost_breakdown(problem: Problem, repeats: int) -> dict[str, float | None]:
                 phases.clear()
     finally:
         runner.close()
-    return {name: 1e3 * statistics.median(values) for name, values in phases.items()}
+    return dict(phases.medians())
 
