@@ -618,11 +618,8 @@ class AttentionUnit(FunctionalUnit):
         assert isinstance(m, nn.MultiheadAttention)
         bound = dict(zip(self.NAMES, call.args, strict=False))
         bound.update(call.kwargs)
-        x = bound["query"]
-        grad_out = cotangent
-        if x.dim() == 2:  # unbatched [T, E]
-            x, grad_out = x.unsqueeze(0), grad_out.unsqueeze(0)
-        elif not m.batch_first:
+        x, grad_out = bound["query"], cotangent  # batched (``covered``): [N, T, E] or [T, N, E]
+        if not m.batch_first:
             x, grad_out = x.transpose(0, 1), grad_out.transpose(0, 1)
         n, length, width = x.shape
         heads, dim = m.num_heads, width // m.num_heads
