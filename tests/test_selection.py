@@ -182,6 +182,41 @@ def test_gradient_is_lr_weighted_sum_of_checkpoint_cosines() -> None:
     torch.testing.assert_close(got["score"], expected, rtol=1e-9, atol=1e-9)
 
 
+def test_gradient_contrast_subtracts_the_pools_mean_gradient() -> None:
+    """contrast: score = Σ_c lr_c cos(g_c(x), mean target gradient − mean gradient of the
+    pools' warm-up samples at c), checked against exact per-sample gradients (float64)."""
+    target, pools = problem(dtype=torch.float64)
+    make = learner_factory(torch.float64)
+    ctx = context_for(target, pools, make)
+    method = get_method("gradient", {"dim": 10_000, "subtasks": "none", "contrast": True})
+    method.prepare(ctx)
+    got = scored(method, pools[1])
+    x, y = pools[1].data  # type: ignore[misc]
+    expected = torch.zeros(len(y), dtype=torch.float64)
+    for checkpoint in ctx.checkpoints:
+        model = make()
+        model.module.load_state_dict(checkpoint.state)
+        g = per_sample_grads(model, x, y, TRUNK_AND_HEAD)
+        gt = per_sample_grads(model, *target.train, TRUNK_AND_HEAD).mean(dim=0)
+        warm = torch.cat(
+            [per_sample_grads(model, w.x, w.y, TRUNK_AND_HEAD) for w in ctx.warm_groups]
+        )
+        expected += checkpoint.lr * cosine(g, gt - warm.mean(dim=0))
+    torch.testing.assert_close(got["score"], expected, rtol=1e-9, atol=1e-9)
+
+
+def test_gradient_contrast_needs_warm_up_samples() -> None:
+    target, pools = problem()
+    ctx = context_for(target, pools, learner_factory())
+    ctx.warm_groups = []
+    method = get_method("gradient", {"contrast": True})
+    method.prepare(ctx)
+    with pytest.raises(ConfigError, match=r"warm-up samples .*select.warmup_samples"):
+        method.start_pool(pools[0])
+    with pytest.raises(ConfigError, match="'contrast' expects true or false"):
+        get_method("gradient", {"contrast": "yes"})
+
+
 def test_gradient_adam_preconditions_the_sample_side_only() -> None:
     """LESS's Adam transform: Γ = (β₁m + (1−β₁)g) / √(β₂v + (1−β₂)g² + ε) on the pool sample,
     the target's gradient plain."""
@@ -350,18 +385,33 @@ def test_bad_method_names_and_params(name: str, params: dict[str, Any], fragment
 
 
 @pytest.mark.parametrize(
-    ("method", "factor"), [("gradient", 3), ("tawt", 3), ("color-filter", 3), ("loss", 1.5)]
+    ("method", "factor"),
+    [
+        ("gradient", 3),
+        ("gradient:contrast", 3),
+        ("tawt", 3),
+        ("color-filter", 3),
+        ("loss", 1.5),
+    ],
 )
 def test_helpful_samples_rank_above_harmful_ones(method: str, factor: float) -> None:
     """With a pool of half correct and half deranged labels, the top quarter is mostly correct:
     harmful samples are under-represented by ``factor`` (their share of the pool: 1/2); the
     ``loss`` baseline, which only sees how well the warm-up model fits, by less."""
     target, pools = problem(rows=80)
+    name, _, variant = method.partition(":")
     selection = select(
         target,
         pools,
         learner_factory(),
-        SelectSettings(method=method, budget=0.25, warmup_steps=60, checkpoints=3, lr=0.02),
+        SelectSettings(
+            method=name,
+            params={"contrast": True} if variant == "contrast" else {},
+            budget=0.25,
+            warmup_steps=60,
+            checkpoints=3,
+            lr=0.02,
+        ),
     )
     top = selection.table[selection.table["selected"]]
     assert len(top) == 40

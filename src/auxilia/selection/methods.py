@@ -223,6 +223,7 @@ class _CheckpointCosines(Method):
     """cos(per-sample gradient, target gradient) at every warm-up checkpoint."""
 
     encoder_only = False
+    contrast = False  # compare with the target's gradient minus the pool's (gradient only)
 
     def __init__(
         self, dim: int = 512, adam: bool = False, subtasks: str = "none", **params: Any
@@ -267,7 +268,11 @@ class _CheckpointCosines(Method):
             self.verified.add(head)
             self.open.append(_Features(model, params, self.dim, ctx.seed, moments, verify))
         if head not in self.target_means:  # pools through the same head share them
-            self.target_means[head] = [self._target_means(f) for f in self.open]
+            means = [self._target_means(f) for f in self.open]
+            if self.contrast:
+                pairs = zip(means, self.open, strict=True)
+                means = [m - self._pool_mean(f, head) for m, f in pairs]
+            self.target_means[head] = means
         self.targets = self.target_means[head]
 
     def _target_means(self, features: _Features) -> torch.Tensor:
@@ -291,6 +296,27 @@ class _CheckpointCosines(Method):
             total.index_add_(0, j, f)
             count.index_add_(0, j, torch.ones(len(y), dtype=F64))
         return total / count.clamp_min(1.0).unsqueeze(1)
+
+    def _pool_mean(self, features: _Features, head: str) -> torch.Tensor:
+        """[1, d]: the mean projected gradient of the pools' warm-up samples through ``head``."""
+        ctx = self.context
+        groups = [g for g in ctx.warm_groups if g.head == head and len(g.y)]
+        if not groups:
+            raise ConfigError(
+                f"selection method '{self.name}' with contrast needs warm-up samples of the "
+                f"pools through head '{head}' (select.warmup_samples > 0)"
+            )
+        total: torch.Tensor | None = None
+        count = 0
+        for group in groups:
+            for start in range(0, len(group.y), ctx.batch_size):
+                x = group.x[start : start + ctx.batch_size].to(ctx.device)
+                y = group.y[start : start + ctx.batch_size].to(ctx.device)
+                f = features(x, y, head, adam=False).to(F64).cpu().sum(0)
+                total = f if total is None else total + f
+                count += len(y)
+        assert total is not None
+        return (total / count).unsqueeze(0)
 
     def cosines(self, pool: Pool, batch: PoolBatch) -> torch.Tensor:
         """[N, C, J]: the cosine at each checkpoint with each subtask's target gradient."""
@@ -340,12 +366,22 @@ class GradientMethod(_CheckpointCosines):
     target otherwise; ``none`` compares with the mean over all target samples. Against that one
     mean, the samples that align best are those of the class the model fits worst (its
     gradient dominates the mean), so a top-k collapses onto one class.
+
+    ``contrast=True`` compares with ĝ_c^j − ḡ_c instead, ḡ_c the mean gradient of the pools'
+    warm-up samples through the same head: what the target asks beyond what the pool as a
+    whole already teaches. It is the first-order form of CoLoR-Filter's conditional loss
+    reduction (fine-tuning on the target moves the parameters along −ĝ relative to a model of
+    the pool), and it removes the direction every sample shares, e.g. spelling for a
+    language model trained from scratch. Not LESS's rule, so off by default.
     """
 
     name = "gradient"
 
-    def __init__(self, dim: int = 512, adam: bool = False, subtasks: str = "auto") -> None:
-        super().__init__(dim=dim, adam=adam, subtasks=subtasks)
+    def __init__(
+        self, dim: int = 512, adam: bool = False, subtasks: str = "auto", contrast: bool = False
+    ) -> None:
+        super().__init__(dim=dim, adam=adam, subtasks=subtasks, contrast=contrast)
+        self.contrast = contrast
 
     def score(self, pool: Pool, batch: PoolBatch) -> Scores:
         cosines = self.cosines(pool, batch)  # [N, C, J]
