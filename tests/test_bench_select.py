@@ -24,6 +24,7 @@ from auxilia.bench.select import (
     harmful_ratio,
     harmful_share,
     largest_class_share,
+    method_spec,
     pool_sources,
     run_select,
     source_weights,
@@ -341,3 +342,34 @@ def test_cli_writes_the_three_files(
     assert written["command"].startswith("auxilia bench select --scenario digits")
     assert written["budgets"] == [10.0]
     assert "goal (gradient):" in outcome.stdout
+
+
+def test_method_specs_carry_options() -> None:
+    """NAME:KEY=VALUE runs a method's variant beside the default, with its options checked."""
+    assert method_spec("gradient") == ("gradient", {})
+    assert method_spec("gradient:contrast=true:dim=64") == (
+        "gradient",
+        {"contrast": True, "dim": 64},
+    )
+    with pytest.raises(ConfigError, match="options are KEY=VALUE, got 'contrast'"):
+        method_spec("gradient:contrast")
+    with pytest.raises(ConfigError, match="unknown selection method 'nope'"):
+        method_spec("nope:x=1")
+    with pytest.raises(ConfigError, match="'contrast' expects true or false"):
+        SelectBenchSettings(scenarios=("digits",), methods=("gradient:contrast=7",))
+
+
+def test_a_method_variant_runs_beside_the_default(tmp_path: Path) -> None:
+    settings = SelectBenchSettings(
+        scenarios=("digits",),
+        methods=("gradient", "gradient:contrast=true"),
+        budgets=(10.0,),
+        seeds=(0,),
+        steps=6,
+        cache=tmp_path,
+    )
+    report = run_select(settings)
+    assert report["methods"] == ["random", "gradient", "gradient:contrast=true"]
+    cells = {(r["method"], r["budget"]): r for r in report["records"]}
+    assert cells[("gradient:contrast=true", 10.0)]["status"] == "ok"
+    assert len(list((tmp_path / "selection" / "digits").glob("*.json"))) == 3  # own rankings

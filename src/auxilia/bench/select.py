@@ -51,6 +51,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import yaml
 
 from auxilia import __version__
 from auxilia.bench.aggregate import better_sign, mean_or_none, points_scale, std
@@ -63,7 +64,14 @@ from auxilia.bench.workers import Progress, Workers
 from auxilia.data.sources import Source, Target, head_outputs
 from auxilia.errors import ConfigError
 from auxilia.models import build_model, build_trunk
-from auxilia.selection import METHODS, ClassifierLearner, Pool, SelectSettings, select
+from auxilia.selection import (
+    METHODS,
+    ClassifierLearner,
+    Pool,
+    SelectSettings,
+    get_method,
+    select,
+)
 
 SCHEMA = "auxilia.bench.select/1"
 BUDGETS = (1.0, 5.0, 10.0, 25.0, 50.0)  # percent of the pool
@@ -92,11 +100,8 @@ class SelectBenchSettings:
     command: str = "auxilia bench select"
 
     def __post_init__(self) -> None:
-        for name in self.methods:
-            if name not in METHODS:
-                raise ConfigError(
-                    f"unknown selection method {name!r}; expected one of: {', '.join(METHODS)}"
-                )
+        for spec in self.methods:
+            method_spec(spec)  # names and options checked before anything runs
         for budget in self.budgets:
             if not 0.0 < budget <= WHOLE:
                 raise ConfigError(
@@ -260,9 +265,30 @@ class RankSpec:
     method: str
 
 
+def method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``NAME`` or ``NAME:KEY=VALUE[:KEY=VALUE...]`` (values read as YAML scalars: ``true``,
+    ``8``, ``none``) → the method's name and its parameters, checked as ``auxilia select``
+    checks them. The whole spec labels the method's rows, so variants run side by side."""
+    name, *options = spec.split(":")
+    if name not in METHODS:
+        raise ConfigError(
+            f"unknown selection method {name!r}; expected one of: {', '.join(METHODS)}"
+        )
+    params: dict[str, Any] = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"method {spec!r}: options are KEY=VALUE, got {option!r}")
+        params[key] = yaml.safe_load(value)
+    get_method(name, params)
+    return name, params
+
+
 def _select_settings(spec: RankSpec, scenario: Scenario, target: Target) -> SelectSettings:
+    name, params = method_spec(spec.method)
     return SelectSettings(
-        method=spec.method,
+        method=name,
+        params=params,
         budget=1.0,
         warmup_steps=spec.steps,
         warmup_batch=target.batch_size,

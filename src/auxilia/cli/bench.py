@@ -427,8 +427,9 @@ def select(
         typer.Option(
             "--method",
             "--methods",
-            help="Selection methods (repeat or comma-separate; default: all six). random, the "
-            "baseline, is always run.",
+            help="Selection methods (repeat or comma-separate; default: all six), each NAME or "
+            "NAME:KEY=VALUE[:KEY=VALUE] (e.g. gradient:contrast=true). random, the baseline, is "
+            "always run.",
         ),
     ] = None,
     budget_values: Annotated[
@@ -488,18 +489,16 @@ def select(
     from rich.table import Table
 
     from auxilia.bench.quality import default_cache
-    from auxilia.bench.select import BUDGETS, SelectBenchSettings, run_select
+    from auxilia.bench.select import BUDGETS, SelectBenchSettings, method_spec, run_select
     from auxilia.bench.select_report import write_report
-    from auxilia.selection import METHODS
 
     chosen, suite_label = _scenarios(suite, scenario_names)
     picked = _split_values(method_names)
     for name in picked:
-        if name not in METHODS:
-            raise ConfigError(
-                f"--method: unknown selection method {name!r}; expected one of: "
-                f"{', '.join(METHODS)}"
-            )
+        try:
+            method_spec(name)
+        except ConfigError as error:
+            raise ConfigError(f"--method: {error}") from error
     budgets: list[float] = []
     for value in _split_values(budget_values):
         try:
