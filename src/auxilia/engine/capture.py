@@ -22,8 +22,9 @@ One backward
     * ``LayerNorm``, ``RMSNorm``, ``GroupNorm``, ``BatchNorm`` (running statistics, or batch
       statistics of an input that needs no gradient): the affine gradients x̂ ⊙ b and b, summed
       over positions, with x̂ recomputed from the recorded input;
-    * ``nn.MultiheadAttention`` called as self-attention (packed in-projection, no
-      ``bias_k``/``bias_v``, no dropout at work, masks of any kind): the in-projection and
+    * ``nn.MultiheadAttention`` called as self-attention on the samples (packed in-projection,
+      no ``bias_k``/``bias_v``, no dropout at work; attention masks [T, T] and padding masks,
+      boolean or additive; per-head masks take the per-source path): the in-projection and
       ``out_proj`` as linear layers, on the recorded input and on the context from one replay
       of the attention core (:class:`AttentionUnit`); other calls take the route below;
     * every other module owning shared parameters (a custom layer, a raw ``nn.Parameter`` used
@@ -280,7 +281,7 @@ class ConvUnit(Unit):
                 b_parts.append(b.reshape(rows, images * size, groups, dout))
         if any(o is not orders[0] for o in orders):  # calls of different shapes: one order
             pairs = zip(a_parts, orders, strict=True)
-            a_parts = [p if o is None else p[..., _inverse(o)] for p, o in pairs]
+            a_parts = [p if o is None else p[..., torch.argsort(o)] for p, o in pairs]
             orders = [None]
         return [_dense(self, _cat(a_parts), _cat(b_parts), orders[0])]
 
@@ -393,10 +394,6 @@ def _dense(
     params = [p for p in (weight, bias) if p is not None]
     shapes = (None if weight is None else weight.shape, None if bias is None else bias.shape)
     return params, Dense2D(a, b, *shapes, order=order)
-
-
-def _inverse(order: torch.Tensor) -> torch.Tensor:
-    return torch.argsort(order)
 
 
 def _spatial(t: torch.Tensor) -> int:
@@ -558,13 +555,10 @@ class AttentionUnit(FunctionalUnit):
     rows that are not the samples) take the exact ``torch.func`` route of the parent class.
     """
 
-    NAMES = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
-
     def record(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Call | None:
         call = super().record(args, kwargs, output)
         if call is not None:
-            bound = dict(zip(self.NAMES, args, strict=False))
-            bound.update(kwargs)
+            bound = _mha_arguments(args, kwargs)
             q = bound.get("query")
             call.self_attention = (
                 isinstance(q, torch.Tensor) and q is bound.get("key") and q is bound.get("value")
@@ -616,14 +610,13 @@ class AttentionUnit(FunctionalUnit):
         """(x, ∂L/∂qkv, context, ∂L/∂output), each [N, T, ·], from one replay of the core."""
         m = self.module
         assert isinstance(m, nn.MultiheadAttention)
-        bound = dict(zip(self.NAMES, call.args, strict=False))
-        bound.update(call.kwargs)
+        bound = _mha_arguments(call.args, call.kwargs)
         x, grad_out = bound["query"], cotangent  # batched (``covered``): [N, T, E] or [T, N, E]
         if not m.batch_first:
             x, grad_out = x.transpose(0, 1), grad_out.transpose(0, 1)
         n, length, width = x.shape
         heads, dim = m.num_heads, width // m.num_heads
-        mask = _attention_mask(bound, n, heads, length, x)
+        mask = _attention_mask(bound, n, length, x)
         device, enabled, dtype = call.autocast
         self.replay(True)
         try:
@@ -649,11 +642,22 @@ def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
 
 
+_MHA_ARGUMENTS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
+
+
+def _mha_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A ``MultiheadAttention`` call's arguments by name."""
+    bound = dict(zip(_MHA_ARGUMENTS, args, strict=False))
+    bound.update(kwargs)
+    return bound
+
+
 def _attention_mask(
-    bound: dict[str, Any], n: int, heads: int, length: int, like: torch.Tensor
+    bound: dict[str, Any], n: int, length: int, like: torch.Tensor
 ) -> torch.Tensor | None:
-    """``attn_mask`` and ``key_padding_mask`` as one additive mask [N, H, T, T] (boolean
-    True: not attended, as in ``nn.MultiheadAttention``), or None."""
+    """``attn_mask`` [T, T] and ``key_padding_mask`` [N, T] as one additive mask [N, 1, T, T]
+    (boolean True: not attended, as in ``nn.MultiheadAttention``), or None. Per-head masks
+    take the per-source path (:func:`_mha_dims`), never this one."""
 
     def additive(mask: torch.Tensor) -> torch.Tensor:
         if mask.dtype == torch.bool:
@@ -665,8 +669,7 @@ def _attention_mask(
     total: torch.Tensor | None = None
     attn = bound.get("attn_mask")
     if isinstance(attn, torch.Tensor):
-        a = additive(attn)
-        total = a.view(1, 1, length, length) if a.dim() == 2 else a.view(n, heads, length, length)
+        total = additive(attn).view(1, 1, length, length)
     padding = bound.get("key_padding_mask")
     if isinstance(padding, torch.Tensor):
         p = additive(padding).view(n, 1, 1, length)
@@ -690,9 +693,8 @@ def _detached(value: Any) -> Any:
 def _mha_dims(
     module: nn.MultiheadAttention, call: Call, n: int
 ) -> tuple[list[int | None], list[int | None]] | None:
-    names = ["query", "key", "value", "key_padding_mask", "need_weights", "attn_mask"]
-    bound = dict(zip(names, call.args, strict=False))
-    bound.update(call.kwargs)
+    names = _MHA_ARGUMENTS
+    bound = _mha_arguments(call.args, call.kwargs)
     seq = 0 if module.batch_first else 1
     dims: dict[str, int | None] = {}
     for name in ("query", "key", "value"):

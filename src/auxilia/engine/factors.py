@@ -390,7 +390,7 @@ class EmbeddingRows(Factor):
         self.rows, self.positions, self.width_d = b.shape
         self.vocab = shape[0]
         self.dtype = b.dtype
-        self._counts: torch.Tensor | None = None
+        self._read: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _full_idx(self) -> torch.Tensor:
         return self.idx.expand(self.rows, self.positions)
@@ -422,14 +422,18 @@ class EmbeddingRows(Factor):
         out.index_add_(0, flat, self.b.reshape(-1, self.width_d))
         return out.view(width, -1)
 
-    def _token_counts(self) -> torch.Tensor:
-        """How often each table row read this step is read (over all rows' positions)."""
-        if self._counts is None:
-            _, counts = torch.unique(self.idx, return_counts=True)
+    def _rows_read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(for each position of ``idx``, which of the table rows read this step it reads;
+        how often each of those rows is read over all rows' positions), from one ``unique``."""
+        if self._read is None:
+            _, inverse, counts = torch.unique(self.idx, return_inverse=True, return_counts=True)
             if self.idx.shape[0] == 1 and self.rows > 1:
                 counts = counts * self.rows
-            self._counts = counts
-        return self._counts
+            self._read = (inverse, counts)
+        return self._read
+
+    def _token_counts(self) -> torch.Tensor:
+        return self._rows_read()[1]
 
     def _same_token_pairs(self) -> int:
         """Σ_v n_v² over the step's token counts n_v: a bound on the (source, token) pairs of
@@ -456,8 +460,8 @@ class EmbeddingRows(Factor):
         the same v, so the cost is ~pairs·D (row and norms), Σ_v n_v²·D (whole matrix)."""
         device = self.b.device
         if self._dense_table(width):
-            uniq, inverse = torch.unique(self.idx, return_inverse=True)
-            read = int(uniq.numel())
+            inverse, counts = self._rows_read()
+            read = int(counts.numel())
             table = torch.zeros(width * read, self.width_d, dtype=self.dtype, device=device)
             flat = self._flat_index(column, read, inverse.expand(self.rows, self.positions))
             table.index_add_(0, flat, self.b.reshape(-1, self.width_d))
