@@ -857,7 +857,8 @@ class Step:
 
     def indicator(self, dtype: torch.dtype) -> torch.Tensor:
         """S: [N, K'], S[i, c] = 1 where sample i belongs to the c-th present source."""
-        return F.one_hot(self.column, self.width).to(dtype)
+        out = torch.zeros(self.n, self.width, dtype=dtype, device=self.device)
+        return out.scatter_(1, self.column.view(-1, 1), 1.0)  # no range check: no sync
 
     def coefficients(
         self, alpha: torch.Tensor, dtype: torch.dtype, per_sample: bool

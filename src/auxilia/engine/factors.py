@@ -214,7 +214,7 @@ class Dense2D(Factor):
         if self.weight is None:
             return torch.ones(a.shape[:-1] + other.shape[-2:-1], dtype=a.dtype, device=a.device)
         k = a @ other.mT
-        return k + 1 if self.bias is not None else k
+        return k.add_(1) if self.bias is not None else k
 
     def add_kernel(self, out: torch.Tensor) -> None:
         if self.simple:
@@ -299,11 +299,11 @@ class Dense2D(Factor):
     def combine(self, c: torch.Tensor) -> list[torch.Tensor]:
         out = []
         if self.simple:
-            b = self.b.view(self.rows, self.dout)
+            bc = self.b.view(self.rows, self.dout).T * c  # [dout, R]: weighted once, read twice
             if self.weight is not None:
-                out.append(((b.T * c) @ self.a.view(self.rows, self.din)).reshape(self.weight))
+                out.append((bc @ self.a.view(self.rows, self.din)).view(self.weight))
             if self.bias is not None:
-                out.append((c @ b).reshape(self.bias))
+                out.append(bc.sum(1).view(self.bias))
             return out
         # Per-row gradients formed for the Gram matrix are reused; otherwise B is weighted once.
         weighted: list[torch.Tensor] = []

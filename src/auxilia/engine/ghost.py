@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from auxilia.engine.capture import Capture, Step, Verifier, losses_statistic, statistics
+from auxilia.engine.capture import Capture, Step, Verifier, losses_statistic
+from auxilia.engine.exact import gradient_statistics
 from auxilia.engine.mode import Mode, ModeContext, Runner
 from auxilia.engine.source_losses import SourceLosses
 from auxilia.statistics import Need, Statistics
@@ -79,7 +80,8 @@ class GhostRunner:
         if reference is not None:
             self.verifier.check(gram, reference)
         losses = losses_statistic(batch) if Need.LOSSES in needs else None
-        return GhostMeasurement(statistics(batch.present, gram, losses, needs), step)
+        # The Gram matrix is of the present sources: no absent rows to drop.
+        return GhostMeasurement(gradient_statistics(batch.present, gram, losses, needs), step)
 
     def close(self) -> None:
         """Remove the hooks and drop recorded calls."""
