@@ -299,11 +299,11 @@ class Dense2D(Factor):
     def combine(self, c: torch.Tensor) -> list[torch.Tensor]:
         out = []
         if self.simple:
-            bc = self.b.view(self.rows, self.dout).T * c  # [dout, R]: weighted once, read twice
+            scaled = self.b.view(self.rows, self.dout).T * c  # [dout, R]: formed once, read twice
             if self.weight is not None:
-                out.append((bc @ self.a.view(self.rows, self.din)).view(self.weight))
+                out.append((scaled @ self.a.view(self.rows, self.din)).view(self.weight))
             if self.bias is not None:
-                out.append(bc.sum(1).view(self.bias))
+                out.append(scaled.sum(1).view(self.bias))
             return out
         # Per-row gradients formed for the Gram matrix are reused; otherwise B is weighted once.
         weighted: list[torch.Tensor] = []
