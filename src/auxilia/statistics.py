@@ -74,7 +74,7 @@ class Statistics:
 
         No epsilon in the denominator: the cosine does not depend on the gradients' scale.
         """
-        row = self.require(Need.TARGET_ROW)
-        denominator = self.require(Need.NORMS) * self.require(Need.NORMS)[0]
-        safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
-        return torch.where(denominator > 0, row / safe, torch.zeros_like(row)).clamp(-1.0, 1.0)
+        row, norms = self.require(Need.TARGET_ROW), self.require(Need.NORMS)
+        denominator = norms * norms[0]
+        # Where the denominator is 0 the quotient (inf or nan) is discarded for 0.
+        return torch.where(denominator > 0, row / denominator, 0.0).clamp(-1.0, 1.0)

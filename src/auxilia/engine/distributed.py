@@ -161,11 +161,11 @@ def globalise_losses(
     factor = scale.to(device=losses.device, dtype=losses.dtype)
     scaled = losses * (factor if layout == "shared-input" else factor[batch.ids])
     local = SourceLosses(
-        mean_vector=batch.mean_vector * factor,
         counts=batch.counts,
         losses=scaled,
         ids=batch.ids,
-        mean_values=batch.mean_values * scale,
+        given_means=batch.mean_vector * factor,
+        given_values=batch.mean_values * scale,
     )
     return GlobalLosses(local, total, means)
 

@@ -179,19 +179,45 @@ class Dense2D(Factor):
         bias: torch.Size | None,
         order: torch.Tensor | None = None,
     ) -> None:
-        self.a, self.b = a, b
+        # A linear layer called once on [R, d] rows may pass A and B as [R, din] and
+        # [R, dout]: the kernel and combine read those; the 4-D views are made if asked for.
+        flat = a.dim() == 2
+        self._a = None if flat else a
+        self._b = None if flat else b
         self.order = order
         self._inverse = None if order is None else torch.argsort(order)
         self.weight, self.bias = weight, bias
         self.shapes = [s for s in (weight, bias) if s is not None]
-        self.rows, self.positions, self.groups, self.dout = b.shape
-        self.din = a.shape[3]
+        if flat:
+            (self.rows, self.dout), self.positions, self.groups = b.shape, 1, 1
+            self.din = a.shape[1]
+        else:
+            self.rows, self.positions, self.groups, self.dout = b.shape
+            self.din = a.shape[3]
         self.dtype = b.dtype
         self.shared = a.shape[0] == 1 and self.rows > 1
         single = self.positions == 1 and self.groups == 1 and not self.shared
         self.simple = single and order is None
+        if flat:
+            self.a2, self.b2 = a, b
+        elif self.simple:  # one position, one group: the 2-D views the kernel and combine read
+            self.a2, self.b2 = a.reshape(self.rows, self.din), b.reshape(self.rows, self.dout)
         self._weight_cache: torch.Tensor | None = None  # per-row weight gradients, if formed
         self._bias_cache: torch.Tensor | None = None
+
+    @property
+    def a(self) -> torch.Tensor:
+        """A: [Ra, T, G, din]."""
+        if self._a is None:
+            self._a = self.a2.view(self.a2.shape[0], 1, 1, self.din)
+        return self._a
+
+    @property
+    def b(self) -> torch.Tensor:
+        """B: [R, T, G, dout]."""
+        if self._b is None:
+            self._b = self.b2.view(self.rows, 1, 1, self.dout)
+        return self._b
 
     def _natural(self, g: torch.Tensor) -> torch.Tensor:
         """Weight gradients [..., G·dout·din] with columns in A's order → the weight's order."""
@@ -218,7 +244,7 @@ class Dense2D(Factor):
 
     def add_kernel(self, out: torch.Tensor) -> None:
         if self.simple:
-            a, b = self.a.reshape(self.rows, self.din), self.b.reshape(self.rows, self.dout)
+            a, b = self.a2, self.b2
             ka, kb = self._input_kernel(a), b @ b.T
             if out.dtype == ka.dtype:
                 out.addcmul_(ka, kb)
@@ -299,11 +325,13 @@ class Dense2D(Factor):
     def combine(self, c: torch.Tensor) -> list[torch.Tensor]:
         out = []
         if self.simple:
-            scaled = self.b.view(self.rows, self.dout).T * c  # [dout, R]: formed once, read twice
+            scaled = self.b2.T * c  # [dout, R]: formed once, read twice
             if self.weight is not None:
-                out.append((scaled @ self.a.view(self.rows, self.din)).view(self.weight))
+                g = scaled @ self.a2
+                out.append(g if g.shape == self.weight else g.view(self.weight))
             if self.bias is not None:
-                out.append(scaled.sum(1).view(self.bias))
+                g = scaled.sum(1)
+                out.append(g if g.shape == self.bias else g.view(self.bias))
             return out
         # Per-row gradients formed for the Gram matrix are reused; otherwise B is weighted once.
         weighted: list[torch.Tensor] = []

@@ -16,16 +16,36 @@ from auxilia.errors import EngineError, NonFiniteSourceError
 class SourceLosses:
     """Per-sample losses with their sources, and each source's mean loss.
 
-    ``mean_vector`` holds every source's mean in one graph-connected tensor (what per-sample
-    and batched modes differentiate); ``means`` splits it into scalars on demand (what the exact
-    mode differentiates one by one), so that building a batch costs the same for any K.
+    ``mean_vector`` holds every source's mean in one graph-connected tensor (what the exact,
+    batched and jvp modes differentiate); ``means`` splits it into scalars on demand. Both are
+    formed on first use: ``ghost`` and ``sketch`` differentiate the per-sample losses
+    themselves and never build them, so a step pays for what its mode reads, for any K.
     """
 
-    mean_vector: torch.Tensor  # [K+1], graph-connected, 0 where the source is absent
     counts: torch.Tensor  # int64 [K+1] on CPU
     losses: torch.Tensor  # per-sample losses: [N] (partitioned) or [B, K+1] (shared-input)
     ids: torch.Tensor  # int64 [N], the source of each sample (partitioned; empty otherwise)
-    mean_values: torch.Tensor  # float64 [K+1] on CPU, detached means (0 where absent)
+    given_means: torch.Tensor | None = None  # [K+1] graph-connected means, when known already
+    given_values: torch.Tensor | None = None  # float64 [K+1] on CPU, their detached values
+    device_counts: torch.Tensor | None = None  # ``counts`` on the losses' device, if there
+
+    @cached_property
+    def mean_vector(self) -> torch.Tensor:
+        """[K+1], graph-connected, 0 where the source is absent."""
+        if self.given_means is not None:
+            return self.given_means
+        losses = self.losses
+        sums = torch.zeros(self.num_sources, dtype=losses.dtype, device=losses.device)
+        sums = sums.index_add(0, self.ids, losses)
+        counts = self.counts if self.device_counts is None else self.device_counts
+        return sums / counts.to(losses.device).clamp_min(1)
+
+    @cached_property
+    def mean_values(self) -> torch.Tensor:
+        """float64 [K+1] on CPU, detached means (0 where absent)."""
+        if self.given_values is not None:
+            return self.given_values
+        return self.mean_vector.detach().to("cpu", torch.float64)
 
     @property
     def present(self) -> torch.Tensor:
@@ -84,7 +104,7 @@ def split_by_task(
         _checked_mean(means[k], k, names)
     counts = torch.full((num_sources,), losses.shape[0] if losses.dim() == 2 else 1)
     empty = torch.zeros(0, dtype=torch.int64, device=losses.device)
-    return SourceLosses(means, counts, losses, empty, values)
+    return SourceLosses(counts, losses, empty, given_means=means, given_values=values)
 
 
 def split_by_source(
@@ -117,16 +137,13 @@ def split_by_source(
         raise EngineError(f"source id {int(ids.min())} outside [0, {num_sources})") from None
     if counts_here.shape[0] > num_sources:
         raise EngineError(f"source id {counts_here.shape[0] - 1} outside [0, {num_sources})")
-    counts = counts_here.cpu()
-    sums = torch.zeros(num_sources, dtype=losses.dtype, device=losses.device).index_add(
-        0, ids, losses
-    )
-    # A few whole-vector operations and one transfer, for any number of sources.
-    mean_vector = sums / counts_here.clamp_min(1)
-    values = mean_vector.detach().to("cpu", torch.float64)
-    if check_finite and not math.isfinite(float(values.sum())):
+    batch = SourceLosses(counts_here.cpu(), losses, ids, device_counts=counts_here)
+    # One sum and one transfer, for any number of sources: the means are formed only where
+    # a loss is not finite (to name its source) or where the mode reads them.
+    if check_finite and not math.isfinite(float(losses.detach().sum())):
+        values = batch.mean_values
         bad = (~torch.isfinite(values)).nonzero()
         if bad.numel():  # (else the sum overflowed)
             k = int(bad[0, 0])
-            _checked_mean(mean_vector[k], k, names)
-    return SourceLosses(mean_vector, counts, losses, ids, values)
+            _checked_mean(batch.mean_vector[k], k, names)
+    return batch
