@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -328,6 +328,7 @@ def test_exp3_policy_sums_to_one_and_explores(
     coefficients=st.lists(st.floats(-5.0, 50.0), min_size=2, max_size=30),
     floor=st.floats(0.001, 1.0),
 )
+@example(coefficients=[0.0, 5e-324], floor=0.5)  # found by hypothesis: (1 − f)·c underflowed
 def test_proportional_policy_sums_to_one_with_a_floor(
     coefficients: list[float], floor: float
 ) -> None:

@@ -26,7 +26,7 @@ def proportional_probabilities(coefficients: torch.Tensor, floor: float) -> torc
     total = float(weights.sum())
     if not (total > 0.0 and math.isfinite(total)):
         return torch.full((arms,), 1.0 / arms, dtype=torch.float64)
-    return (1.0 - floor) * weights / total + floor / arms
+    return (1.0 - floor) * (weights / total) + floor / arms  # normalise first: no underflow
 
 
 def proportional(per_step: int = 4, floor: float = 0.1) -> Sampler:
