@@ -672,7 +672,7 @@ def _breakdown(problem: Problem, repeats: int, notes: list[str]) -> dict[str, fl
             except FALLBACK_ERRORS as error:  # the mode would measure through batched
                 failure = f"{type(error).__name__}: {error}".splitlines()[0]
         with timed("jvp: combine"):
-            write_gradient(means, shared, others, alpha, present)
+            write_gradient(batch.weighted(), shared, others, alpha, present)
         with timed("batched: jacobian, vmap"):
             blocks = batched_jacobian(means, rows, shared)
         with timed("batched: jacobian, loop"):
@@ -680,7 +680,8 @@ def _breakdown(problem: Problem, repeats: int, notes: list[str]) -> dict[str, fl
         with timed("batched: gram"):
             stats = jacobian_statistics(batch, rows, blocks, gram)
         with timed("batched: combine"):
-            JacobianMeasurement(stats, means, rows, shared, others, blocks).combine(alpha)
+            measured = JacobianMeasurement(stats, batch.weighted(), rows, shared, others, blocks)
+            measured.combine(alpha)
         with timed("optimizer step"):
             optimizer.step()
         if repeat < 2:  # warm-up

@@ -34,7 +34,7 @@ import torch
 
 from auxilia.engine.exact import accumulate, gradient_statistics
 from auxilia.engine.mode import Layout, Mode, ModeContext
-from auxilia.engine.source_losses import SourceLosses
+from auxilia.engine.source_losses import SourceLosses, Weighted
 from auxilia.statistics import Need, Statistics
 
 # What a vectorised backward pass raises when vmap cannot batch it (vmap errors are
@@ -55,7 +55,7 @@ def split_shared(
 
 
 def write_combined(
-    means: torch.Tensor,
+    combination: Weighted,
     params: Sequence[torch.Tensor],
     weights: torch.Tensor,
 ) -> None:
@@ -67,23 +67,23 @@ def write_combined(
     if not params:
         return
     torch.autograd.backward(
-        means,
-        grad_tensors=weights.to(device=means.device, dtype=means.dtype),
+        combination.outputs,
+        grad_tensors=combination.grads(weights),
         inputs=list(params),
         retain_graph=True,
     )
 
 
 def write_unweighted(
-    means: torch.Tensor, others: Sequence[torch.Tensor], present: torch.Tensor
+    combination: Weighted, others: Sequence[torch.Tensor], present: torch.Tensor
 ) -> None:
     """Σ_k g_k (present k) into ``.grad`` of the parameters that are not shared (heads)."""
     if others:
-        write_combined(means, others, present.to(torch.float64))
+        write_combined(combination, others, present.to(torch.float64))
 
 
 def write_gradient(
-    means: torch.Tensor,
+    combination: Weighted,
     shared: Sequence[torch.Tensor],
     others: Sequence[torch.Tensor],
     coefficients: torch.Tensor,
@@ -96,10 +96,10 @@ def write_gradient(
     """
     alpha = coefficients.to(torch.float64)
     if others and bool((alpha[present] == 1.0).all()):
-        write_combined(means, [*shared, *others], present.to(torch.float64))
+        write_combined(combination, [*shared, *others], present.to(torch.float64))
         return
-    write_combined(means, shared, alpha)
-    write_unweighted(means, others, present)
+    write_combined(combination, shared, alpha)
+    write_unweighted(combination, others, present)
 
 
 def product_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -148,7 +148,7 @@ class JacobianMeasurement:
     """The Jacobian of the present sources on the shared parameters, until α is known."""
 
     statistics: Statistics
-    means: torch.Tensor  # [K+1], graph-connected
+    combination: Weighted  # what the backward passes of the combine differentiate
     rows: list[int]  # the present sources, in order: row r of each block is source rows[r]
     shared: list[torch.Tensor]
     others: list[torch.Tensor]
@@ -158,7 +158,7 @@ class JacobianMeasurement:
         """αᵀJ on shared parameters (no backward pass), Σ_k g_k on the others (one pass)."""
         present = self.statistics.present
         if self.blocks is None:
-            write_gradient(self.means, self.shared, self.others, coefficients, present)
+            write_gradient(self.combination, self.shared, self.others, coefficients, present)
             return
         index = torch.tensor(self.rows, dtype=torch.int64)
         alpha = coefficients.to(torch.float64)[index]
@@ -168,7 +168,7 @@ class JacobianMeasurement:
             weights = alpha.to(device=block.device, dtype=block.dtype)
             total = (weights @ block.reshape(len(self.rows), -1)).reshape(block.shape[1:])
             accumulate(param, total)
-        write_unweighted(self.means, self.others, present)
+        write_unweighted(self.combination, self.others, present)
         self.blocks = None  # the Jacobian is not needed any more
 
     def _require_blocks(self) -> list[torch.Tensor | None]:
@@ -192,7 +192,7 @@ class JacobianMeasurement:
         """<g_k, v> for every source k; ``vectors`` follow the shared parameters' order."""
         blocks = self._require_blocks()
         values = _row_products(blocks, list(vectors), len(self.rows))
-        out = torch.zeros(self.means.shape[0], dtype=torch.float64)
+        out = torch.zeros(self.statistics.num_sources, dtype=torch.float64)
         out[torch.tensor(self.rows, dtype=torch.int64)] = values
         return out
 
@@ -295,8 +295,8 @@ class BatchedRunner:
         self.timings: dict[Path, list[float]] = {"vmap": [], "loop": []}
 
     def measure(self, batch: SourceLosses, needs: frozenset[Need]) -> JacobianMeasurement:
-        means = batch.mean_vector
         rows = batch.present.nonzero().squeeze(1).tolist()
+        combination = batch.weighted()
         if not needs & GRADIENT_NEEDS or not self.shared:
             losses = batch.values() if Need.LOSSES in needs else None
             stats = Statistics(present=batch.present, losses=losses)
@@ -304,10 +304,10 @@ class BatchedRunner:
                 stats = gradient_statistics(
                     batch.present, torch.zeros(len(rows), len(rows)), losses, needs
                 )
-            return JacobianMeasurement(stats, means, rows, self.shared, self.others, None)
-        blocks = self.jacobian(means, rows)
+            return JacobianMeasurement(stats, combination, rows, self.shared, self.others, None)
+        blocks = self.jacobian(batch.mean_vector, rows)
         stats = jacobian_statistics(batch, rows, blocks, needs)
-        return JacobianMeasurement(stats, means, rows, self.shared, self.others, blocks)
+        return JacobianMeasurement(stats, combination, rows, self.shared, self.others, blocks)
 
     def jacobian(self, means: torch.Tensor, rows: list[int]) -> list[torch.Tensor | None]:
         """The Jacobian rows, by the path chosen for this model (timing both at first)."""

@@ -42,7 +42,7 @@ from auxilia.engine.batched import (
     write_gradient,
 )
 from auxilia.engine.mode import Layout, Measurement, Mode, ModeContext
-from auxilia.engine.source_losses import SourceLosses
+from auxilia.engine.source_losses import SourceLosses, Weighted
 from auxilia.errors import EngineError
 from auxilia.statistics import Need, Statistics
 
@@ -89,7 +89,7 @@ class JvpMeasurement:
     """The target's gradient and row of one step; writes the gradient once α is known."""
 
     statistics: Statistics
-    means: torch.Tensor  # [K+1], graph-connected
+    combination: Weighted  # what the combine's backward passes differentiate
     shared: list[torch.Tensor]
     others: list[torch.Tensor]
     target: list[torch.Tensor] | None  # g_0 on each shared parameter (zeros where unreached)
@@ -100,7 +100,9 @@ class JvpMeasurement:
         """Σ_k α_k g_k on shared parameters, Σ_k g_k on the others: one backward pass each."""
         self.probe = None  # release the second-order graph before the next pass
         self.released = True
-        write_gradient(self.means, self.shared, self.others, coefficients, self.statistics.present)
+        write_gradient(
+            self.combination, self.shared, self.others, coefficients, self.statistics.present
+        )
 
     def source_gradient(self, k: int) -> list[torch.Tensor]:
         """The target's gradient on each shared parameter; jvp measures no other g_k."""
@@ -116,7 +118,7 @@ class JvpMeasurement:
             raise EngineError("engine mode 'jvp': dots() must come before combine()")
         if self.probe is None:
             if self.target is not None:  # measured, and g_0 = 0 (or nothing shared)
-                return torch.zeros(self.means.shape[0], dtype=torch.float64)
+                return torch.zeros(self.statistics.num_sources, dtype=torch.float64)
             raise EngineError(
                 "engine mode 'jvp': products with other vectors need the target row "
                 "(declare Need.TARGET_ROW)"
@@ -204,19 +206,19 @@ class JvpRunner:
             Need.TARGET_ROW in needs and int(present.sum()) <= self.ROWS_AT_MOST
         ):
             return self._batched_measure(batch, needs)
-        means = batch.mean_vector
+        combination = batch.weighted()
         losses = batch.values() if Need.LOSSES in needs else None
         if Need.TARGET_ROW not in needs:  # the losses alone: no pass before combine
             stats = Statistics(present=present, losses=losses)
-            return JvpMeasurement(stats, means, self.shared, self.others, None, None)
+            return JvpMeasurement(stats, combination, self.shared, self.others, None, None)
         if not self.shared or not bool(present[0]):
             # Nothing shared, or no target sample: g_0 = 0 and so is the row.
             row = torch.zeros(batch.num_sources, dtype=torch.float64)
             stats = Statistics(present=present, losses=losses, target_row=row)
             target = [torch.zeros_like(p) for p in self.shared]
-            return JvpMeasurement(stats, means, self.shared, self.others, target, None)
+            return JvpMeasurement(stats, combination, self.shared, self.others, target, None)
         try:
-            target, probe, row = second_order_row(means, self.shared)
+            target, probe, row = second_order_row(batch.mean_vector, self.shared)
         except FALLBACK_ERRORS as error:
             self.failure = f"{type(error).__name__}: {error}".splitlines()[0]
             warnings.warn(
@@ -228,7 +230,7 @@ class JvpRunner:
             )
             return self._batched_measure(batch, needs)
         stats = Statistics(present=present, losses=losses, target_row=row * present)
-        return JvpMeasurement(stats, means, self.shared, self.others, target, probe)
+        return JvpMeasurement(stats, combination, self.shared, self.others, target, probe)
 
     def _batched_measure(self, batch: SourceLosses, needs: frozenset[Need]) -> JacobianMeasurement:
         if self.batched is None:

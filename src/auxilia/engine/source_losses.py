@@ -13,6 +13,29 @@ from auxilia.errors import EngineError, NonFiniteSourceError
 
 
 @dataclass(frozen=True)
+class Weighted:
+    """What a weighted backward pass differentiates: ``outputs`` with :meth:`grads` as their
+    output gradients back-propagate Σ_k w_k · mean_k for any weights w [K+1].
+
+    Per-sample losses with w_{k(i)} / n_{k(i)} (``ids`` and ``counts`` given) when the means
+    were not formed: the same gradient, without the means' index_add and division in the graph
+    or in the pass; the means themselves with w otherwise.
+    """
+
+    outputs: torch.Tensor
+    ids: torch.Tensor | None = None  # the source of each output (per-sample losses)
+    counts: torch.Tensor | None = None  # n_k, on the outputs' device (with ids)
+
+    def grads(self, weights: torch.Tensor) -> torch.Tensor:
+        """The output gradients for coefficients ``weights`` [K+1]."""
+        out = self.outputs
+        w = weights.to(device=out.device, dtype=out.dtype)
+        if self.ids is None or self.counts is None:
+            return w
+        return (w / self.counts.clamp_min(1))[self.ids]
+
+
+@dataclass(frozen=True)
 class SourceLosses:
     """Per-sample losses with their sources, and each source's mean loss.
 
@@ -46,6 +69,12 @@ class SourceLosses:
         if self.given_values is not None:
             return self.given_values
         return self.mean_vector.detach().to("cpu", torch.float64)
+
+    def weighted(self) -> Weighted:
+        """What backward passes for Σ_k w_k mean_k differentiate (see :class:`Weighted`)."""
+        if self.given_means is not None or self.device_counts is None:
+            return Weighted(self.mean_vector)
+        return Weighted(self.losses, self.ids, self.device_counts)
 
     @property
     def present(self) -> torch.Tensor:
