@@ -433,3 +433,32 @@ def test_state_dict_round_trip_reproduces_stateful_strategy() -> None:
     # Without the restored state the coefficients differ (the state matters).
     unrestored = _train(fresh_model, _olaux_engine(fresh_model), steps=4, seed=1)
     assert any(not torch.equal(a, b) for a, b in zip(expected, unrestored, strict=True))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    ids=st.lists(st.integers(0, 3), min_size=1, max_size=12),
+    weights=st.lists(st.floats(-2.0, 2.0), min_size=4, max_size=4),
+)
+def test_per_sample_combination_is_the_weighted_means_gradient(
+    ids: list[int], weights: list[float]
+) -> None:
+    """The backward modes' combine from per-sample losses (weights α_k/n_k) gives the gradient
+    of Σ_k α_k mean_k; the detached means agree whichever is formed first."""
+    from auxilia.engine.source_losses import split_by_source
+
+    gen = torch.Generator().manual_seed(len(ids))
+    w = torch.randn(len(ids), 3, dtype=torch.float64, generator=gen)
+    theta = torch.randn(3, dtype=torch.float64, generator=gen, requires_grad=True)
+    source = torch.tensor(ids)
+    alpha = torch.tensor(weights, dtype=torch.float64)
+
+    batch = split_by_source((w @ theta) ** 2, source, 4)
+    values = batch.mean_values  # formed from the detached losses, no graph
+    assert "mean_vector" not in batch.__dict__
+    combination = batch.weighted()
+    (got,) = torch.autograd.grad(combination.outputs, theta, combination.grads(alpha))
+    expected_means = split_by_source((w @ theta) ** 2, source, 4).mean_vector
+    (expected,) = torch.autograd.grad((alpha * expected_means).sum(), theta)
+    assert_close(got, expected)
+    assert_close(values, expected_means.detach())

@@ -57,18 +57,22 @@ class SourceLosses:
         """[K+1], graph-connected, 0 where the source is absent."""
         if self.given_means is not None:
             return self.given_means
-        losses = self.losses
-        sums = torch.zeros(self.num_sources, dtype=losses.dtype, device=losses.device)
-        sums = sums.index_add(0, self.ids, losses)
-        counts = self.counts if self.device_counts is None else self.device_counts
-        return sums / counts.to(losses.device).clamp_min(1)
+        return self._means(self.losses)
 
     @cached_property
     def mean_values(self) -> torch.Tensor:
         """float64 [K+1] on CPU, detached means (0 where absent)."""
         if self.given_values is not None:
             return self.given_values
-        return self.mean_vector.detach().to("cpu", torch.float64)
+        if "mean_vector" in self.__dict__ or self.given_means is not None:
+            return self.mean_vector.detach().to("cpu", torch.float64)
+        return self._means(self.losses.detach()).to("cpu", torch.float64)  # no graph
+
+    def _means(self, losses: torch.Tensor) -> torch.Tensor:
+        sums = torch.zeros(self.num_sources, dtype=losses.dtype, device=losses.device)
+        sums = sums.index_add(0, self.ids, losses)
+        counts = self.counts if self.device_counts is None else self.device_counts
+        return sums / counts.to(losses.device).clamp_min(1)
 
     def weighted(self) -> Weighted:
         """What backward passes for Σ_k w_k mean_k differentiate (see :class:`Weighted`)."""
