@@ -388,9 +388,25 @@ def test_registry_names() -> None:
 
 # Every strategy the README's table lists; issue 4's catalogue.
 CATALOGUE = [
-    "target-only", "equal", "fixed", "gcs", "olaux", "arml", "tawt", "pcgrad-aux", "bloop",
-    "auxilearn", "auxinash", "mgda", "uncertainty", "dwa", "gradnorm", "pcgrad", "cagrad",
-    "nash-mtl", "auto",
+    "target-only",
+    "equal",
+    "fixed",
+    "gcs",
+    "olaux",
+    "arml",
+    "tawt",
+    "pcgrad-aux",
+    "bloop",
+    "auxilearn",
+    "auxinash",
+    "mgda",
+    "uncertainty",
+    "dwa",
+    "gradnorm",
+    "pcgrad",
+    "cagrad",
+    "nash-mtl",
+    "auto",
 ]
 
 

@@ -724,4 +724,3 @@ def _ghost_breakdown(problem: Problem, repeats: int) -> dict[str, float | None]:
     finally:
         runner.close()
     return dict(phases.medians())
-
