@@ -15,6 +15,7 @@ from torch.testing import assert_close
 
 from auxilia import strategies
 from auxilia.engine import MODES, Engine
+from auxilia.engine.source_losses import split_by_source
 from auxilia.errors import EngineError
 from auxilia.statistics import Need
 from auxilia.strategies import Strategy, stateless
@@ -445,8 +446,6 @@ def test_per_sample_combination_is_the_weighted_means_gradient(
 ) -> None:
     """The backward modes' combine from per-sample losses (weights α_k/n_k) gives the gradient
     of Σ_k α_k mean_k; the detached means agree whichever is formed first."""
-    from auxilia.engine.source_losses import split_by_source
-
     gen = torch.Generator().manual_seed(len(ids))
     w = torch.randn(len(ids), 3, dtype=torch.float64, generator=gen)
     theta = torch.randn(3, dtype=torch.float64, generator=gen, requires_grad=True)

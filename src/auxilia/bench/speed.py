@@ -659,7 +659,7 @@ def _breakdown(problem: Problem, repeats: int, notes: list[str]) -> dict[str, fl
                 batch = split_by_task(losses, problem.num_sources)
             else:
                 batch = split_by_source(losses, problem.ids, problem.num_sources)
-        means = batch.mean_vector
+            means = batch.mean_vector  # formed on first use: by these modes, in the split
         with timed("plain backward"):
             torch.autograd.grad(means.sum(), params, retain_graph=True)
         if failure is None:
