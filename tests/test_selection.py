@@ -4,6 +4,7 @@ pools, the written files (which ``auxilia run`` trains on), and torchrun's merge
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -275,6 +276,61 @@ def test_gradient_subtasks_need_a_classification_target() -> None:
         get_method("gradient", {"subtasks": "labels"})
 
 
+@pytest.mark.parametrize("batch_size", [7, 25])
+def test_gradient_source_score_is_the_cosine_of_the_pools_mean_gradient(batch_size: int) -> None:
+    """by_source: source_score = Σ_c lr_c cos(mean per-sample gradient of the pool, mean
+    target gradient over all classes) at each checkpoint c, from exact per-sample gradients
+    (float64), whatever the batches; the per-sample scores keep the per-class rule."""
+    target, pools = problem(dtype=torch.float64)
+    make = learner_factory(torch.float64)
+    ctx = context_for(target, pools, make, batch_size=batch_size)
+    method = get_method("gradient", {"dim": 10_000})
+    method.prepare(ctx)
+    got = {p.name: scored(method, p, batch_size) for p in pools}
+    method.absorb(method.tally())
+    for k, pool in enumerate(pools):
+        x, y = pool.data  # type: ignore[misc]
+        expected = 0.0
+        for checkpoint in ctx.checkpoints:
+            model = make()
+            model.module.load_state_dict(checkpoint.state)
+            g = per_sample_grads(model, x, y, TRUNK_AND_HEAD).mean(dim=0)
+            gt = per_sample_grads(model, *target.train, TRUNK_AND_HEAD).mean(dim=0)
+            expected += checkpoint.lr * float(cosine(g[None], gt)[0])
+        rows = len(y)
+        finished = method.finish(
+            {"source": torch.full((rows,), k), "score": got[pool.name]["score"]}
+        )
+        torch.testing.assert_close(
+            finished["source_score"], torch.full((rows,), expected, dtype=torch.float64)
+        )
+    assert method.source_scores[0] > 0 > method.source_scores[1]  # helpful, deranged labels
+    plain = get_method("gradient", {"by_source": False})
+    assert plain.finish(got["helpful"]) is got["helpful"]
+    with pytest.raises(ConfigError, match="'by_source' expects true or false"):
+        get_method("gradient", {"by_source": "yes"})
+
+
+def test_gradient_ranks_pools_by_their_mean_then_samples_within() -> None:
+    """The ranking orders by the pool's source score, then by the sample's own: every helpful row
+    comes before every harmful one, each pool best first; with one pool (or ``by_source:
+    false``) it is the samples' order alone."""
+    target, pools = problem(rows=40)
+    s = SelectSettings(method="gradient", budget=0.25, warmup_steps=30, checkpoints=2, lr=0.02)
+    table = select(target, pools, learner_factory(), s).table
+    assert list(table["source"]) == ["helpful"] * 40 + ["harmful"] * 40
+    for _, rows in table.groupby("source", sort=False):
+        assert list(rows["score"]) == sorted(rows["score"], reverse=True)
+        assert rows["source_score"].nunique() == 1
+    alone = select(target, pools[1:], learner_factory(), s).table
+    samples = dataclasses.replace(s, params={"by_source": False})
+    plain = select(target, pools[1:], learner_factory(), samples).table
+    assert list(alone["index"]) == list(plain["index"])
+    assert "source_score" not in plain
+    mixed = select(target, pools, learner_factory(), samples).table
+    assert list(mixed["score"]) == sorted(mixed["score"], reverse=True)
+
+
 def test_tawt_uses_encoder_cosines_and_normalises_weights_over_the_pool() -> None:
     """TAWT: score = η Σ_c cos on the trunk only; ``weight`` = softmax of the scores over all
     pool samples (mirror descent from uniform)."""
@@ -389,6 +445,7 @@ def test_bad_method_names_and_params(name: str, params: dict[str, Any], fragment
     [
         ("gradient", 3),
         ("gradient:contrast", 3),
+        ("gradient:samples", 3),
         ("tawt", 3),
         ("color-filter", 3),
         ("loss", 1.5),
@@ -406,7 +463,9 @@ def test_helpful_samples_rank_above_harmful_ones(method: str, factor: float) -> 
         learner_factory(),
         SelectSettings(
             method=name,
-            params={"contrast": True} if variant == "contrast" else {},
+            params={"contrast": {"contrast": True}, "samples": {"by_source": False}}.get(
+                variant, {}
+            ),
             budget=0.25,
             warmup_steps=60,
             checkpoints=3,
@@ -628,6 +687,8 @@ def test_torchrun_merged_ranking_equals_one_process(tmp_path: Path) -> None:
     a, b = pd.read_parquet(one / "ranking.parquet"), pd.read_parquet(two / "ranking.parquet")
     assert a[["source", "index", "selected"]].equals(b[["source", "index", "selected"]])
     np.testing.assert_allclose(a["score"], b["score"], rtol=1e-6, atol=1e-9)
+    assert a["source"].nunique() > 1  # each pool's source score, added up over the processes
+    np.testing.assert_allclose(a["source_score"], b["source_score"], rtol=1e-6, atol=1e-9)
     assert json.loads((two / "selection.json").read_text())["timing"]["world"] == 2.0
     assert sorted(p.name for p in (two / "selected").iterdir()) == sorted(
         p.name for p in (one / "selected").iterdir()

@@ -78,8 +78,19 @@ class Method:
     def end_pool(self, pool: Pool) -> None:
         """Called after the last batch of ``pool``."""
 
+    def tally(self) -> dict[str, torch.Tensor]:
+        """Sums over this process's batches that ``finish`` needs; :func:`select` adds them up
+        across ``torchrun`` processes and hands the total to :meth:`absorb`. Default: none."""
+        return {}
+
+    def absorb(self, total: Mapping[str, torch.Tensor]) -> None:
+        """Take the tallies of every process, added up (called before :meth:`finish`)."""
+
     def finish(self, scores: Scores) -> Scores:
-        """Adjust the whole pool's scores once all are known (e.g. normalise); default: none."""
+        """Adjust the whole pool's scores once all are known (e.g. normalise); default: none.
+
+        A ``source_score`` column, where a method returns one, orders the ranking before
+        ``score`` does (sources first, then the samples within each)."""
         return scores
 
     def close(self) -> None:
@@ -240,6 +251,7 @@ class _CheckpointCosines(Method):
         self.labels: list[int] = []  # the target class of each subtask (J = 1: none)
         self.verified: set[str] = set()  # heads whose hooks were checked against exact
         self.target_means: dict[str, list[torch.Tensor]] = {}  # per head, per checkpoint
+        self.target_overall: dict[str, list[torch.Tensor]] = {}  # [1, d]: over every class
 
     def prepare(self, context: Context) -> None:
         super().prepare(context)
@@ -268,15 +280,20 @@ class _CheckpointCosines(Method):
             self.verified.add(head)
             self.open.append(_Features(model, params, self.dim, ctx.seed, moments, verify))
         if head not in self.target_means:  # pools through the same head share them
-            means = [self._target_means(f) for f in self.open]
+            pairs = [self._target_means(f) for f in self.open]
+            means = [m for m, _ in pairs]
+            overall = [(m * n.unsqueeze(1)).sum(0, keepdim=True) / n.sum() for m, n in pairs]
             if self.contrast:
-                pairs = zip(means, self.open, strict=True)
-                means = [m - self._pool_mean(f, head) for m, f in pairs]
+                pool_means = [self._pool_mean(f, head) for f in self.open]
+                means = [m - p for m, p in zip(means, pool_means, strict=True)]
+                overall = [o - p for o, p in zip(overall, pool_means, strict=True)]
             self.target_means[head] = means
+            self.target_overall[head] = overall
         self.targets = self.target_means[head]
 
-    def _target_means(self, features: _Features) -> torch.Tensor:
-        """[J, d]: the target's mean projected gradient, per class (J classes) or over all."""
+    def _target_means(self, features: _Features) -> tuple[torch.Tensor, torch.Tensor]:
+        """[J, d]: the target's mean projected gradient, per class (J classes) or over all;
+        and [J]: how many target samples each row averages."""
         ctx, t = self.context, self.context.target
         rows = max(1, len(self.labels))
         index = {label: j for j, label in enumerate(self.labels)}
@@ -295,7 +312,7 @@ class _CheckpointCosines(Method):
                 total = torch.zeros(rows, f.shape[1], dtype=F64)
             total.index_add_(0, j, f)
             count.index_add_(0, j, torch.ones(len(y), dtype=F64))
-        return total / count.clamp_min(1.0).unsqueeze(1)
+        return total / count.clamp_min(1.0).unsqueeze(1), count
 
     def _pool_mean(self, features: _Features, head: str) -> torch.Tensor:
         """[1, d]: the mean projected gradient of the pools' warm-up samples through ``head``."""
@@ -323,11 +340,15 @@ class _CheckpointCosines(Method):
         ctx = self.context
         head = ctx.heads[pool.name]
         x, y = batch.x.to(ctx.device), batch.y.to(ctx.device)
+        each = [features(x, y, head, adam=self.adam) for features in self.open]
+        self.observe(pool, each)
         columns = [
-            _cosine_matrix(features(x, y, head, adam=self.adam), target).cpu()
-            for features, target in zip(self.open, self.targets, strict=True)
+            _cosine_matrix(f, target).cpu() for f, target in zip(each, self.targets, strict=True)
         ]
         return torch.stack(columns, dim=1)
+
+    def observe(self, pool: Pool, features: list[torch.Tensor]) -> None:
+        """Sees each checkpoint's [N, d] projected gradients of a batch; default: nothing."""
 
     def end_pool(self, pool: Pool) -> None:
         self._close_features()
@@ -367,6 +388,21 @@ class GradientMethod(_CheckpointCosines):
     mean, the samples that align best are those of the class the model fits worst (its
     gradient dominates the mean), so a top-k collapses onto one class.
 
+    Sources first (``by_source=True``, the default): the pools are ranked by their
+    ``source_score`` Σ_c lr_c · cos(Γ̄_c, ĝ_c), the cosine of the pool's mean projected
+    gradient Γ̄_c with the target's mean gradient over all its samples (the dataset-level
+    gradient similarity auxilia's training strategies gate on), and the samples within each
+    pool by their own score. A pool's mean gradient says how a random draw from it moves the
+    target, and its noise averages out over the pool; a sample's own score, read alone, is
+    noisier and biased:
+    the correctly labelled rows of a mostly mislabelled, or merely related, source align with
+    the target as well as any row, but a selection of them is not a sample of the target's
+    distribution (it keeps the inputs where the source's rule agrees with the target's, and
+    drops those near the target's decision boundary, where the rules differ). auxilia's
+    training strategies weigh whole sources for the same reason. The price: a better pool's
+    worst samples come before a worse pool's best. With a single pool the order is LESS's;
+    ``by_source=False`` ranks the samples alone across pools, as LESS does.
+
     ``contrast=True`` compares with ĝ_c^j − ḡ_c instead, ḡ_c the mean gradient of the pools'
     warm-up samples through the same head: what the target asks beyond what the pool as a
     whole already teaches. It is the first-order form of CoLoR-Filter's conditional loss
@@ -378,10 +414,56 @@ class GradientMethod(_CheckpointCosines):
     name = "gradient"
 
     def __init__(
-        self, dim: int = 512, adam: bool = False, subtasks: str = "auto", contrast: bool = False
+        self,
+        dim: int = 512,
+        adam: bool = False,
+        subtasks: str = "auto",
+        contrast: bool = False,
+        by_source: bool = True,
     ) -> None:
-        super().__init__(dim=dim, adam=adam, subtasks=subtasks, contrast=contrast)
-        self.contrast = contrast
+        super().__init__(
+            dim=dim, adam=adam, subtasks=subtasks, contrast=contrast, by_source=by_source
+        )
+        self.contrast, self.by_source = contrast, by_source
+        self.sums: dict[int, torch.Tensor] = {}  # pool -> [C, d]: Σ of its projected gradients
+        self.counts: dict[int, int] = {}
+        self.overall: dict[int, torch.Tensor] = {}  # pool -> [C, d]: the target's, its head
+        self.source_scores: dict[int, float] = {}
+
+    def prepare(self, context: Context) -> None:
+        super().prepare(context)
+        self.sums, self.counts, self.overall, self.source_scores = {}, {}, {}, {}
+
+    def start_pool(self, pool: Pool) -> None:
+        super().start_pool(pool)
+        k = self.context.pool_index[pool.name]
+        head = self.context.heads[pool.name]
+        self.overall[k] = torch.cat(self.target_overall[head])
+
+    def observe(self, pool: Pool, features: list[torch.Tensor]) -> None:
+        if not self.by_source:
+            return
+        k = self.context.pool_index[pool.name]
+        batch = torch.stack([f.to(F64).sum(dim=0).cpu() for f in features])
+        self.sums[k] = self.sums[k] + batch if k in self.sums else batch
+        self.counts[k] = self.counts.get(k, 0) + len(features[0])
+
+    def tally(self) -> dict[str, torch.Tensor]:
+        out = {f"sum{k}": v for k, v in self.sums.items()}
+        out.update({f"count{k}": torch.tensor(float(n), dtype=F64) for k, n in self.counts.items()})
+        return out
+
+    def absorb(self, total: Mapping[str, torch.Tensor]) -> None:
+        """Each pool's ``source_score`` from its mean projected gradient over every process."""
+        lrs = torch.tensor([c.lr for c in self.context.checkpoints], dtype=F64)
+        self.source_scores = {}
+        for k, target in self.overall.items():
+            if f"sum{k}" not in total:
+                continue
+            mean = total[f"sum{k}"] / total[f"count{k}"]
+            pairs = zip(mean, target, strict=True)
+            cosines = torch.stack([_cosine_matrix(m[None], t[None])[0, 0] for m, t in pairs])
+            self.source_scores[k] = float((lrs * cosines).sum())
 
     def score(self, pool: Pool, batch: PoolBatch) -> Scores:
         cosines = self.cosines(pool, batch)  # [N, C, J]
@@ -393,6 +475,14 @@ class GradientMethod(_CheckpointCosines):
         if self.labels:
             out["subtask"] = torch.tensor(self.labels, dtype=torch.int64)[chosen]
         return out
+
+    def finish(self, scores: Scores) -> Scores:
+        """With ``by_source``: each sample's ``source_score``, its pool's (from :meth:`absorb`)."""
+        if not self.by_source or len(scores["score"]) == 0:
+            return scores
+        pools = int(scores["source"].max()) + 1
+        table = torch.tensor([self.source_scores.get(k, 0.0) for k in range(pools)], dtype=F64)
+        return {**scores, "source_score": table[scores["source"]]}
 
 
 class TawtMethod(_CheckpointCosines):

@@ -250,6 +250,7 @@ def select(
     finally:
         method.close()
     merged = _merge(scored, place)
+    tally = _add_up(method.tally(), place)
     timing = {
         "warmup_seconds": warm_seconds,
         "prepare_seconds": prepared - began - warm_seconds,
@@ -263,11 +264,14 @@ def select(
     }
     if merged is None:  # not rank 0: rank 0 writes the result
         return Selection(pd.DataFrame(), method.name, dict(method.params), 0, timing)
+    method.absorb(tally)
     merged = method.finish(merged)
     frame = pd.DataFrame({key: value.numpy() for key, value in merged.items()})
     frame["source"] = [names[int(k)] for k in frame["source"]]
     frame["_order"] = range(len(frame))
-    frame = frame.sort_values(["score", "_order"], ascending=[False, True], kind="stable")
+    keys = [*(["source_score"] if "source_score" in frame else []), "score", "_order"]
+    ascending = [key == "_order" for key in keys]
+    frame = frame.sort_values(keys, ascending=ascending, kind="stable")
     frame = frame.drop(columns="_order").reset_index(drop=True)
     budget = settings.count(len(frame))
     frame.insert(0, "rank", range(1, len(frame) + 1))
@@ -310,6 +314,19 @@ def _merge(scored: list[dict[str, torch.Tensor]], place: Place) -> dict[str, tor
     joined = {key: torch.cat([p[key] for p in parts]) for key in keys}
     order = torch.argsort(joined["source"] * (1 << 40) + joined["index"], stable=True)
     return {key: value[order] for key, value in joined.items()}
+
+
+def _add_up(tally: dict[str, torch.Tensor], place: Place) -> dict[str, torch.Tensor]:
+    """A method's tallies summed key by key over the processes (on rank 0; elsewhere empty)."""
+    if not place.distributed:
+        return tally
+    gathered: list[Any] = [None] * place.world if place.writes else []
+    dist.gather_object(tally, gathered if place.writes else None, dst=0)
+    total: dict[str, torch.Tensor] = {}
+    for part in gathered:
+        for key, value in part.items():
+            total[key] = total[key] + value if key in total else value
+    return total
 
 
 def write_selection(
