@@ -322,6 +322,10 @@ def test_gradient_ranks_pools_by_their_mean_then_samples_within() -> None:
     for _, rows in table.groupby("source", sort=False):
         assert list(rows["score"]) == sorted(rows["score"], reverse=True)
         assert rows["source_score"].nunique() == 1
+    summary = select(target, pools, learner_factory(), s).counts()
+    assert list(summary) == ["helpful", "harmful"]  # best pool first, as the ranking
+    assert summary["helpful"]["source_score"] > summary["harmful"]["source_score"]
+    assert summary["helpful"]["source_score"] == float(table["source_score"].iloc[0])
     alone = select(target, pools[1:], learner_factory(), s).table
     samples = dataclasses.replace(s, params={"by_source": False})
     plain = select(target, pools[1:], learner_factory(), samples).table
@@ -644,6 +648,7 @@ def test_select_command_writes_a_run_config_that_trains(tmp_path: Path) -> None:
     done = run_auxilia_process("select", config, "--out", out, "--method", "gradient")
     assert done.code == 0, done.stderr
     assert "gradient: selected 20 samples" in done.stdout
+    assert "[source score " in done.stdout  # each pool's, as selection.json holds it
     assert "samples/s" in done.stdout
     run = yaml.safe_load((out / "run.yaml").read_text())
     assert "select" not in run
@@ -656,6 +661,7 @@ def test_select_command_writes_a_run_config_that_trains(tmp_path: Path) -> None:
             assert data.parent == out / "selected"
             rows = len(load_array_file(data).y)  # type: ignore[arg-type]
             assert rows == summary["sources"][source["name"]]["selected"]
+            assert isinstance(summary["sources"][source["name"]]["source_score"], float)
     trained = run_auxilia_process("run", out / "run.yaml", "--out", tmp_path / "run", "--quiet")
     assert trained.code == 0, trained.stderr
     assert (tmp_path / "run" / "results.json").exists()

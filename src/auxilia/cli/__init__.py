@@ -110,7 +110,11 @@ def select(
         return
     paths = write_selection(selection, job.pools, out_dir, job.config)
     counts = selection.counts()
-    shown = ", ".join(f"{name} {c['selected']}/{c['total']}" for name, c in counts.items())
+    shown = ", ".join(
+        f"{name} {c['selected']}/{c['total']}"
+        + (f" [source score {c['source_score']:+.3g}]" if "source_score" in c else "")
+        for name, c in counts.items()
+    )
     typer.echo(f"{selection.method}: selected {selection.budget} samples ({shown})")
     rate = selection.timing["scoring_samples_per_second"]
     plain = selection.timing["plain_samples_per_second"]

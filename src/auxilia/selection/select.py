@@ -98,11 +98,14 @@ class Selection:
     budget: int
     timing: dict[str, float]
 
-    def counts(self) -> dict[str, dict[str, int]]:
-        """Per pool: how many samples it has and how many were selected."""
-        out: dict[str, dict[str, int]] = {}
+    def counts(self) -> dict[str, dict[str, Any]]:
+        """Per pool: how many samples it has, how many were selected and, where the method
+        ranks pools first, the pool's ``source_score``."""
+        out: dict[str, dict[str, Any]] = {}
         for name, group in self.table.groupby("source", sort=False):
             out[str(name)] = {"total": len(group), "selected": int(group["selected"].sum())}
+            if "source_score" in group:
+                out[str(name)]["source_score"] = float(group["source_score"].iloc[0])
         return out
 
     def selected_rows(self, pool: str) -> torch.Tensor:
