@@ -261,8 +261,8 @@ def assert_last_checkpoint_intact(run: Path) -> None:
 @pytest.mark.parametrize("how", ["exit", "raise", "hang"])
 def test_a_failing_rank_stops_the_whole_run(tmp_path: Path, how: str) -> None:
     """Rank 1 dies (exit 3), raises, or stops answering at step 7: torchrun ends every rank
-    within the collective timeout (10 s here), names rank 1 as the root cause, and the
-    checkpoint of step 5 is intact."""
+    within the collective timeout (10 s here), names rank 1's failure (as the root cause, or
+    beside rank 0's lost contact with it), and the checkpoint of step 5 is intact."""
     config = failing_config(tmp_path / "problem", how)
     run = tmp_path / "run"
     done = torchrun("-m", "auxilia", "run", config, "--out", run, "--quiet", timeout=180)
@@ -272,9 +272,13 @@ def test_a_failing_rank_stops_the_whole_run(tmp_path: Path, how: str) -> None:
     if how == "hang":  # rank 0 gives up waiting for rank 1 and says so
         assert "rank      : 0" in cause
         assert "error: rank 0 of 2: lost contact with the other processes" in done.stderr
-    else:
-        assert "rank      : 1" in cause
-        assert ("exitcode  : 3" in cause) if how == "exit" else ("injected failure" in cause)
+    else:  # rank 1's failure is in torchrun's summary: the root cause, or listed beside
+        # rank 0's when rank 0 was seen to fail first (a loaded machine) for losing rank 1
+        assert "rank      : 1" in done.stderr
+        failure = "exitcode  : 3" if how == "exit" else "injected failure"
+        assert failure in done.stderr
+        if "rank      : 1" not in cause:
+            assert "error: rank 0 of 2: lost contact with the other processes" in done.stderr
     assert_last_checkpoint_intact(run)
 
 

@@ -110,9 +110,10 @@ def select(
         return
     paths = write_selection(selection, job.pools, out_dir, job.config)
     counts = selection.counts()
+    many = len(counts) > 1  # a pool's score orders the ranking only beside another pool
     shown = ", ".join(
         f"{name} {c['selected']}/{c['total']}"
-        + (f" [source score {c['source_score']:+.3g}]" if "source_score" in c else "")
+        + (f" [source score {c['source_score']:+.3g}]" if "source_score" in c and many else "")
         for name, c in counts.items()
     )
     typer.echo(f"{selection.method}: selected {selection.budget} samples ({shown})")
