@@ -394,14 +394,14 @@ class GradientMethod(_CheckpointCosines):
     gradient similarity auxilia's training strategies gate on), and the samples within each
     pool by their own score. A pool's mean gradient says how a random draw from it moves the
     target, and its noise averages out over the pool; a sample's own score, read alone, is
-    noisier and biased:
-    the correctly labelled rows of a mostly mislabelled, or merely related, source align with
-    the target as well as any row, but a selection of them is not a sample of the target's
-    distribution (it keeps the inputs where the source's rule agrees with the target's, and
-    drops those near the target's decision boundary, where the rules differ). auxilia's
-    training strategies weigh whole sources for the same reason. The price: a better pool's
-    worst samples come before a worse pool's best. With a single pool the order is LESS's;
-    ``by_source=False`` ranks the samples alone across pools, as LESS does.
+    noisier and biased: the correctly labelled rows of a mostly mislabelled, or merely
+    related, source align with the target as well as any row, but a selection of them is not
+    a sample of the target's distribution (it keeps the inputs where the source's rule agrees
+    with the target's, and drops those near the target's decision boundary, where the rules
+    differ), and against the best of the target's classes its mislabelled rows look aligned
+    too. auxilia's training strategies weigh whole sources for the same reason. The price: a
+    better pool's worst samples come before a worse pool's best. With a single pool the order
+    is LESS's; ``by_source=False`` ranks the samples alone across pools, as LESS does.
 
     ``contrast=True`` compares with ĝ_c^j − ḡ_c instead, ḡ_c the mean gradient of the pools'
     warm-up samples through the same head: what the target asks beyond what the pool as a
