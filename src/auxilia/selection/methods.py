@@ -427,18 +427,11 @@ class GradientMethod(_CheckpointCosines):
         self.contrast, self.by_source = contrast, by_source
         self.sums: dict[int, torch.Tensor] = {}  # pool -> [C, d]: Σ of its projected gradients
         self.counts: dict[int, int] = {}
-        self.overall: dict[int, torch.Tensor] = {}  # pool -> [C, d]: the target's, its head
         self.source_scores: dict[int, float] = {}
 
     def prepare(self, context: Context) -> None:
         super().prepare(context)
-        self.sums, self.counts, self.overall, self.source_scores = {}, {}, {}, {}
-
-    def start_pool(self, pool: Pool) -> None:
-        super().start_pool(pool)
-        k = self.context.pool_index[pool.name]
-        head = self.context.heads[pool.name]
-        self.overall[k] = torch.cat(self.target_overall[head])
+        self.sums, self.counts, self.source_scores = {}, {}, {}
 
     def observe(self, pool: Pool, features: list[torch.Tensor]) -> None:
         if not self.by_source:
@@ -455,11 +448,13 @@ class GradientMethod(_CheckpointCosines):
 
     def absorb(self, total: Mapping[str, torch.Tensor]) -> None:
         """Each pool's ``source_score`` from its mean projected gradient over every process."""
-        lrs = torch.tensor([c.lr for c in self.context.checkpoints], dtype=F64)
+        ctx = self.context
+        lrs = torch.tensor([c.lr for c in ctx.checkpoints], dtype=F64)
         self.source_scores = {}
-        for k, target in self.overall.items():
-            if f"sum{k}" not in total:
+        for name, k in ctx.pool_index.items():
+            if f"sum{k}" not in total:  # no process scored a batch of this pool
                 continue
+            target = torch.cat(self.target_overall[ctx.heads[name]])  # [C, d]
             mean = total[f"sum{k}"] / total[f"count{k}"]
             pairs = zip(mean, target, strict=True)
             cosines = torch.stack([_cosine_matrix(m[None], t[None])[0, 0] for m, t in pairs])
