@@ -252,8 +252,7 @@ def select(
             method.end_pool(pool)
     finally:
         method.close()
-    merged = _merge(scored, place)
-    tally = _add_up(method.tally(), place)
+    gathered = _merge(scored, method.tally(), place)
     timing = {
         "warmup_seconds": warm_seconds,
         "prepare_seconds": prepared - began - warm_seconds,
@@ -265,8 +264,9 @@ def select(
         ),
         "world": float(place.world),
     }
-    if merged is None:  # not rank 0: rank 0 writes the result
+    if gathered is None:  # not rank 0: rank 0 writes the result
         return Selection(pd.DataFrame(), method.name, dict(method.params), 0, timing)
+    merged, tally = gathered
     method.absorb(tally)
     merged = method.finish(merged)
     frame = pd.DataFrame({key: value.numpy() for key, value in merged.items()})
@@ -302,34 +302,29 @@ def _check_labels(pool: Pool, y: torch.Tensor, outputs: int) -> None:
         raise DataError(f"pool '{pool.name}': label {bad} outside the target head's [0, {outputs})")
 
 
-def _merge(scored: list[dict[str, torch.Tensor]], place: Place) -> dict[str, torch.Tensor] | None:
-    """All batches' scores in pool order (rows sorted), gathered on rank 0 across processes."""
-    parts = scored
+Tensors = dict[str, torch.Tensor]
+
+
+def _merge(scored: list[Tensors], tally: Tensors, place: Place) -> tuple[Tensors, Tensors] | None:
+    """All batches' scores in pool order (rows sorted) and the method's tallies summed key by
+    key, gathered on rank 0 across processes (None elsewhere)."""
+    parts, total = scored, tally
     if place.distributed:
         gathered: list[Any] = [None] * place.world if place.writes else []
-        dist.gather_object(scored, gathered if place.writes else None, dst=0)
+        dist.gather_object((scored, tally), gathered if place.writes else None, dst=0)
         if not place.writes:
             return None
-        parts = [part for rank_parts in gathered for part in rank_parts]
+        parts = [part for rank_parts, _ in gathered for part in rank_parts]
+        total = {}
+        for _, rank_tally in gathered:
+            for key, value in rank_tally.items():
+                total[key] = total[key] + value if key in total else value
     if not parts:
         raise DataError("select: the pools have no samples")
     keys = list(parts[0])
     joined = {key: torch.cat([p[key] for p in parts]) for key in keys}
     order = torch.argsort(joined["source"] * (1 << 40) + joined["index"], stable=True)
-    return {key: value[order] for key, value in joined.items()}
-
-
-def _add_up(tally: dict[str, torch.Tensor], place: Place) -> dict[str, torch.Tensor]:
-    """A method's tallies summed key by key over the processes (on rank 0; elsewhere empty)."""
-    if not place.distributed:
-        return tally
-    gathered: list[Any] = [None] * place.world if place.writes else []
-    dist.gather_object(tally, gathered if place.writes else None, dst=0)
-    total: dict[str, torch.Tensor] = {}
-    for part in gathered:
-        for key, value in part.items():
-            total[key] = total[key] + value if key in total else value
-    return total
+    return {key: value[order] for key, value in joined.items()}, total
 
 
 def write_selection(
