@@ -31,7 +31,7 @@ from auxilia.selection import (
     select,
     write_selection,
 )
-from auxilia.selection.methods import Context
+from auxilia.selection.methods import Context, spread
 from auxilia.selection.warmup import Group, checkpoint_steps, warm_up
 from tiny_problem import assert_one_line_error, run_auxilia_process, torchrun, write_tiny_problem
 
@@ -159,13 +159,16 @@ TRUNK_AND_HEAD = [
 # ---- each method's rule --------------------------------------------------------------------
 
 
+EVERY = {"checkpoints_per_sample": 0}  # TracIn's sum itself: every sample at every checkpoint
+
+
 def test_gradient_is_lr_weighted_sum_of_checkpoint_cosines() -> None:
     """score = Σ_c lr_c cos(g_c(x), mean target gradient at c), with a sketch wide enough to be
     the identity, equals the cosines of exact per-sample gradients (float64)."""
     target, pools = problem(dtype=torch.float64)
     make = learner_factory(torch.float64)
     ctx = context_for(target, pools, make)
-    method = get_method("gradient", {"dim": 10_000, "subtasks": "none"})
+    method = get_method("gradient", {"dim": 10_000, "subtasks": "none", **EVERY})
     method.prepare(ctx)
     got = scored(method, pools[1])
     x, y = pools[1].data  # type: ignore[misc]
@@ -189,7 +192,7 @@ def test_gradient_contrast_subtracts_the_pools_mean_gradient() -> None:
     target, pools = problem(dtype=torch.float64)
     make = learner_factory(torch.float64)
     ctx = context_for(target, pools, make)
-    method = get_method("gradient", {"dim": 10_000, "subtasks": "none", "contrast": True})
+    method = get_method("gradient", {"dim": 10_000, "subtasks": "none", "contrast": True, **EVERY})
     method.prepare(ctx)
     got = scored(method, pools[1])
     x, y = pools[1].data  # type: ignore[misc]
@@ -224,7 +227,7 @@ def test_gradient_adam_preconditions_the_sample_side_only() -> None:
     target, pools = problem(dtype=torch.float64)
     make = learner_factory(torch.float64)
     ctx = context_for(target, pools, make, checkpoints=2)
-    method = get_method("gradient", {"dim": 10_000, "adam": True, "subtasks": "none"})
+    method = get_method("gradient", {"dim": 10_000, "adam": True, "subtasks": "none", **EVERY})
     method.prepare(ctx)
     got = scored(method, pools[0])
     x, y = pools[0].data  # type: ignore[misc]
@@ -248,7 +251,7 @@ def test_gradient_subtasks_take_the_best_target_class() -> None:
     target, pools = problem(dtype=torch.float64)
     make = learner_factory(torch.float64)
     ctx = context_for(target, pools, make)
-    method = get_method("gradient", {"dim": 10_000})
+    method = get_method("gradient", {"dim": 10_000, **EVERY})
     method.prepare(ctx)
     got = scored(method, pools[0])
     x, y = pools[0].data  # type: ignore[misc]
@@ -276,39 +279,157 @@ def test_gradient_subtasks_need_a_classification_target() -> None:
         get_method("gradient", {"subtasks": "labels"})
 
 
-@pytest.mark.parametrize("batch_size", [7, 25])
-def test_gradient_source_score_is_the_cosine_of_the_pools_mean_gradient(batch_size: int) -> None:
-    """by_source: source_score = Σ_c lr_c cos(mean per-sample gradient of the pool, mean
-    target gradient over all classes) at each checkpoint c, from exact per-sample gradients
-    (float64), whatever the batches; the per-sample scores keep the per-class rule."""
+@pytest.mark.parametrize(("batch_size", "each"), [(7, 1), (25, 1), (7, 0)])
+def test_gradient_source_score_is_the_cosine_of_the_pools_mean_gradient(
+    batch_size: int, each: int
+) -> None:
+    """by_source: source_score = Σ_c lr_c cos(mean per-sample gradient of the pool's rows
+    measured at c, mean target gradient over all classes) at each checkpoint c, from exact
+    per-sample gradients (float64), whatever the batches; with one checkpoint per sample the
+    rows at c are those :func:`spread` gives it, with every checkpoint (0) all of them."""
     target, pools = problem(dtype=torch.float64)
     make = learner_factory(torch.float64)
     ctx = context_for(target, pools, make, batch_size=batch_size)
-    method = get_method("gradient", {"dim": 10_000})
+    method = get_method("gradient", {"dim": 10_000, "checkpoints_per_sample": each})
     method.prepare(ctx)
     got = {p.name: scored(method, p, batch_size) for p in pools}
     method.absorb(method.tally())
     for k, pool in enumerate(pools):
         x, y = pool.data  # type: ignore[misc]
+        rows = torch.arange(len(y))
+        at = spread(rows, len(ctx.checkpoints), each, ctx.seed, k) if each else None
         expected = 0.0
+        for c, checkpoint in enumerate(ctx.checkpoints):
+            chosen = rows if at is None else (at == c).any(dim=1)
+            model = make()
+            model.module.load_state_dict(checkpoint.state)
+            g = per_sample_grads(model, x[chosen], y[chosen], TRUNK_AND_HEAD).mean(dim=0)
+            gt = per_sample_grads(model, *target.train, TRUNK_AND_HEAD).mean(dim=0)
+            expected += checkpoint.lr * float(cosine(g[None], gt)[0])
+        finished = method.finish({"source": torch.full((len(y),), k), **got[pool.name]})
+        torch.testing.assert_close(
+            finished["source_score"], torch.full((len(y),), expected, dtype=torch.float64)
+        )
+    assert method.source_scores[0] > 0 > method.source_scores[1]  # helpful, deranged labels
+    plain = get_method("gradient", {"by_source": False, **EVERY})
+    alone = plain.finish(got["helpful"])
+    assert "source_score" not in alone
+    assert alone["score"] is got["helpful"]["score"]
+    with pytest.raises(ConfigError, match="'by_source' expects true or false"):
+        get_method("gradient", {"by_source": "yes"})
+
+
+@pytest.mark.parametrize(
+    ("checkpoints", "each", "subtasks"), [(3, 1, "none"), (3, 2, "none"), (2, 1, "auto")]
+)
+def test_gradient_estimates_the_checkpoint_sum_from_m_checkpoints_per_sample(
+    checkpoints: int, each: int, subtasks: str
+) -> None:
+    """checkpoints_per_sample m of C: a sample is measured only at the m checkpoints
+    :func:`spread` gives it, and its score is max_j (C/m) Σ_{c ∈ at(x)} lr_c (cos_cj(x) − μ_cj)
+    + Σ_c lr_c μ_cj, μ_cj its pool's mean cosine at c over the rows measured there (exact
+    per-sample gradients, float64); ``cos_step`` columns hold the measured cosines, NaN
+    elsewhere."""
+    target, pools = problem(dtype=torch.float64)
+    make = learner_factory(torch.float64)
+    ctx = context_for(target, pools, make, checkpoints=checkpoints, batch_size=7)
+    params = {"dim": 10_000, "subtasks": subtasks, "checkpoints_per_sample": each}
+    method = get_method("gradient", params)
+    method.prepare(ctx)
+    assert method.rows_per_batch(7) == 7 * checkpoints // each
+    got = {p.name: scored(method, p, 7) for p in pools}
+    method.absorb(method.tally())
+    tx, ty = target.train
+    lrs = torch.tensor([c.lr for c in ctx.checkpoints], dtype=torch.float64)
+    for k, pool in enumerate(pools):
+        x, y = pool.data  # type: ignore[misc]
+        rows = torch.arange(len(y))
+        at = spread(rows, checkpoints, each, ctx.seed, k)
+        measured = torch.zeros(len(y), checkpoints, dtype=torch.bool)
+        measured[rows[:, None], at] = True
+        columns = []  # per checkpoint: [N, J] cosines with each subtask's target gradient
         for checkpoint in ctx.checkpoints:
             model = make()
             model.module.load_state_dict(checkpoint.state)
-            g = per_sample_grads(model, x, y, TRUNK_AND_HEAD).mean(dim=0)
-            gt = per_sample_grads(model, *target.train, TRUNK_AND_HEAD).mean(dim=0)
-            expected += checkpoint.lr * float(cosine(g[None], gt)[0])
-        rows = len(y)
-        finished = method.finish(
-            {"source": torch.full((rows,), k), "score": got[pool.name]["score"]}
-        )
-        torch.testing.assert_close(
-            finished["source_score"], torch.full((rows,), expected, dtype=torch.float64)
-        )
-    assert method.source_scores[0] > 0 > method.source_scores[1]  # helpful, deranged labels
-    plain = get_method("gradient", {"by_source": False})
-    assert plain.finish(got["helpful"]) is got["helpful"]
-    with pytest.raises(ConfigError, match="'by_source' expects true or false"):
-        get_method("gradient", {"by_source": "yes"})
+            g = per_sample_grads(model, x, y, TRUNK_AND_HEAD)
+            gt = per_sample_grads(model, tx, ty, TRUNK_AND_HEAD)
+            means = (
+                [gt.mean(dim=0)]
+                if subtasks == "none"
+                else [gt[ty == j].mean(0) for j in range(CLASSES)]
+            )
+            columns.append(torch.stack([cosine(g, m) for m in means], dim=1))
+        cos = torch.stack(columns, dim=1)  # [N, C, J]
+        mask = measured[:, :, None].to(torch.float64)
+        mu = (cos * mask).sum(dim=0) / mask.sum(dim=0)  # [C, J]
+        weighted = ((cos - mu) * mask * lrs[None, :, None]).sum(dim=1)
+        best, chosen = ((checkpoints / each) * weighted + (lrs[:, None] * mu).sum(0)).max(dim=1)
+        finished = method.finish({"source": torch.full((len(y),), k), **got[pool.name]})
+        torch.testing.assert_close(finished["score"], best, rtol=1e-9, atol=1e-9)
+        assert "_at" not in finished
+        assert "_cosines" not in finished
+        if subtasks == "auto":
+            assert torch.equal(finished["subtask"], chosen)
+        for c, checkpoint in enumerate(ctx.checkpoints):
+            column = finished[f"cos_step{checkpoint.step}"]
+            assert torch.isnan(column[~measured[:, c]]).all()
+            expected = cos[measured[:, c], c].gather(1, chosen[measured[:, c], None])[:, 0]
+            torch.testing.assert_close(column[measured[:, c]], expected, rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    checkpoints=st.integers(1, 6),
+    each=st.integers(1, 6),
+    seed=st.integers(0, 2**40),
+    pool=st.integers(0, 200),
+    start=st.integers(0, 10_000),
+    rows=st.integers(0, 40),
+    cut=st.integers(0, 40),
+)
+def test_spread_gives_every_checkpoint_its_share_of_each_block(
+    checkpoints: int, each: int, seed: int, pool: int, start: int, rows: int, cut: int
+) -> None:
+    """Each row gets ``each`` distinct checkpoints; within every full block of C consecutive
+    rows each checkpoint is chosen ``each`` times; a row's checkpoints do not depend on the
+    other rows scored with it (batches, processes)."""
+    each = min(each, checkpoints)
+    index = torch.arange(start, start + rows)
+    at = spread(index, checkpoints, each, seed, pool)
+    assert at.shape == (rows, each)
+    assert at.dtype == torch.int64
+    if rows:
+        assert int(at.min()) >= 0
+        assert int(at.max()) < checkpoints
+    for row in at.tolist():
+        assert len(set(row)) == each
+    cut = min(cut, rows)
+    apart = torch.cat(
+        [
+            spread(index[:cut], checkpoints, each, seed, pool),
+            spread(index[cut:], checkpoints, each, seed, pool),
+        ]
+    )
+    assert torch.equal(apart, at)
+    for block in sorted({int(r) // checkpoints for r in index}):
+        inside = (index // checkpoints == block).nonzero()[:, 0]
+        if len(inside) == checkpoints:
+            counts = torch.bincount(at[inside].reshape(-1), minlength=checkpoints)
+            assert counts.tolist() == [each] * checkpoints
+
+
+def test_checkpoints_per_sample_is_checked() -> None:
+    target, pools = problem()
+    ctx = context_for(target, pools, learner_factory(), checkpoints=2)
+    with pytest.raises(ConfigError, match=r"checkpoints_per_sample 3 exceeds the 2 warm-up"):
+        get_method("gradient", {"checkpoints_per_sample": 3}).prepare(ctx)
+    with pytest.raises(ConfigError, match=r"checkpoints_per_sample must be >= 0"):
+        get_method("gradient", {"checkpoints_per_sample": -1})
+    with pytest.raises(ConfigError, match="'checkpoints_per_sample' expects an integer"):
+        get_method("gradient", {"checkpoints_per_sample": "all"})
+    every = get_method("gradient", {"checkpoints_per_sample": 2})  # m = C: the sum itself
+    every.prepare(ctx)
+    assert every.rows_per_batch(16) == 16
 
 
 def test_gradient_ranks_pools_by_their_mean_then_samples_within() -> None:
@@ -715,17 +836,21 @@ def test_select_speed_bench_writes_one_record_per_case(tmp_path: Path) -> None:
     out = tmp_path / "speed.json"
     main(
         [
-            "--trunks", "mlp", "--methods", "gradient,loss", "--checkpoints", "1,2",
+            "--trunks", "mlp", "--methods", "gradient,gradient:checkpoints_per_sample=0,loss",
+            "--checkpoints", "1,2",
             "--batch-sizes", "64", "--pool", "192", "--json", str(out),
         ]
     )  # fmt: skip
     records = json.loads(out.read_text())["records"]
     cases = [(r["method"], r["checkpoints"]) for r in records]
-    assert cases == [("gradient", 1), ("gradient", 2), ("loss", None)]
+    every = "gradient:checkpoints_per_sample=0"
+    assert cases == [("gradient", 1), ("gradient", 2), (every, 1), (every, 2), ("loss", None)]
+    assert [r["passes"] for r in records] == [1, 1, 1, 2, 1]
     for r in records:
         assert r["scoring_samples_per_second"] > 0
         assert r["plain_samples_per_second"] > 0
         assert r["ratio"] == pytest.approx(
             r["scoring_samples_per_second"] / r["plain_samples_per_second"]
         )
-    assert records[1]["ratio_per_pass"] == pytest.approx(2 * records[1]["ratio"])
+    assert records[1]["ratio_per_pass"] == pytest.approx(records[1]["ratio"])
+    assert records[3]["ratio_per_pass"] == pytest.approx(2 * records[3]["ratio"])

@@ -80,7 +80,7 @@ BASELINE = "random"  # always run: the "same k at random" every method is compar
 GOAL_METHOD = "gradient"
 GOAL_BUDGET = 10.0
 GOAL_FACTOR = 3.0  # harmful samples under-represented at least this much in the selection
-RULE_VERSION = 1  # bump when what a ranking means changes: it keys the cache
+RULE_VERSION = 2  # bump when what a ranking means changes: it keys the cache
 Weighting = Literal["count", "source"]
 
 

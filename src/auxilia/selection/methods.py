@@ -72,6 +72,11 @@ class Method:
     def start_pool(self, pool: Pool) -> None:
         """Called before the first batch of ``pool``."""
 
+    def rows_per_batch(self, batch_size: int) -> int:
+        """How many pool rows each :meth:`score` call takes, for model passes of ``batch_size``
+        rows (default: the same)."""
+        return batch_size
+
     def score(self, pool: Pool, batch: PoolBatch) -> Scores:
         raise NotImplementedError
 
@@ -335,20 +340,29 @@ class _CheckpointCosines(Method):
         assert total is not None
         return (total / count).unsqueeze(0)
 
-    def cosines(self, pool: Pool, batch: PoolBatch) -> torch.Tensor:
-        """[N, C, J]: the cosine at each checkpoint with each subtask's target gradient."""
+    def cosines(self, pool: Pool, batch: PoolBatch, at: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, C, J]: the cosine at each checkpoint with each subtask's target gradient; with
+        ``at`` ([N, m] checkpoint indices) only where a row's ``at`` names the checkpoint, NaN
+        elsewhere (a checkpoint's model sees only its rows)."""
         ctx = self.context
         head = ctx.heads[pool.name]
         x, y = batch.x.to(ctx.device), batch.y.to(ctx.device)
-        each = [features(x, y, head, adam=self.adam) for features in self.open]
-        self.observe(pool, each)
-        columns = [
-            _cosine_matrix(f, target).cpu() for f, target in zip(each, self.targets, strict=True)
-        ]
-        return torch.stack(columns, dim=1)
+        out = torch.full((len(y), len(self.open), self.targets[0].shape[0]), math.nan, dtype=F64)
+        seen: dict[int, torch.Tensor] = {}
+        for c, (features, target) in enumerate(zip(self.open, self.targets, strict=True)):
+            rows = torch.arange(len(y)) if at is None else (at == c).any(dim=1).nonzero()[:, 0]
+            if len(rows) == 0:
+                continue
+            on_device = rows.to(x.device)
+            f = features(x[on_device], y[on_device], head, adam=self.adam)
+            seen[c] = f
+            out[rows, c] = _cosine_matrix(f, target).cpu()
+        self.observe(pool, seen)
+        return out
 
-    def observe(self, pool: Pool, features: list[torch.Tensor]) -> None:
-        """Sees each checkpoint's [N, d] projected gradients of a batch; default: nothing."""
+    def observe(self, pool: Pool, features: Mapping[int, torch.Tensor]) -> None:
+        """Sees each checkpoint's [n, d] projected gradients of the batch rows it measured,
+        by checkpoint index (a checkpoint that measured no row is left out); default: nothing."""
 
     def end_pool(self, pool: Pool) -> None:
         self._close_features()
@@ -409,6 +423,19 @@ class GradientMethod(_CheckpointCosines):
     reduction (fine-tuning on the target moves the parameters along −ĝ relative to a model of
     the pool), and it removes the direction every sample shares, e.g. spelling for a
     language model trained from scratch. Not LESS's rule, so off by default.
+
+    One checkpoint per sample (``checkpoints_per_sample: 1``, the default): each checkpoint
+    costs a forward and a backward pass per sample, so the full sum over C checkpoints scores
+    at most 1.5/C of a plain training pass's throughput. Instead every sample is measured at m
+    of the C checkpoints (:func:`spread`: seeded, every checkpoint gets m/C of each pool, in
+    every block of C consecutive rows), and its sum is estimated as (C/m) Σ_{c ∈ at(x)} lr_c
+    (cos_c(x) − μ_c) + Σ_c lr_c μ_c, μ_c the mean cosine of its pool's rows at c: unbiased
+    over the draw, and the pool's mean cosines and mean gradients (``source_score``) still
+    average all C checkpoints, each over m/C of the pool. The cost is noise in the samples'
+    own scores, which decide the ranking most where one pool mixes what helps with what does
+    not (docs/select.md). ``0`` (or C) measures every sample at every checkpoint: the sum
+    itself, as LESS and TracIn compute it, at C times the cost. The ``cos_step`` columns are
+    NaN where a sample was not measured.
     """
 
     name = "gradient"
@@ -420,49 +447,105 @@ class GradientMethod(_CheckpointCosines):
         subtasks: str = "auto",
         contrast: bool = False,
         by_source: bool = True,
+        checkpoints_per_sample: int = 1,
     ) -> None:
+        if checkpoints_per_sample < 0:
+            raise ValueError(
+                f"checkpoints_per_sample must be >= 0 (0: every checkpoint), "
+                f"got {checkpoints_per_sample}"
+            )
         super().__init__(
-            dim=dim, adam=adam, subtasks=subtasks, contrast=contrast, by_source=by_source
+            dim=dim,
+            adam=adam,
+            subtasks=subtasks,
+            contrast=contrast,
+            by_source=by_source,
+            checkpoints_per_sample=checkpoints_per_sample,
         )
         self.contrast, self.by_source = contrast, by_source
+        self.each = checkpoints_per_sample
         self.sums: dict[int, torch.Tensor] = {}  # pool -> [C, d]: Σ of its projected gradients
-        self.counts: dict[int, int] = {}
+        self.counts: dict[int, torch.Tensor] = {}  # pool -> [C]: how many rows each sums
+        self.cosine_sums: dict[int, torch.Tensor] = {}  # pool -> [C, J]: Σ of its rows' cosines
         self.source_scores: dict[int, float] = {}
+        self.cosine_means: dict[int, torch.Tensor] = {}  # pool -> [C, J]
 
     def prepare(self, context: Context) -> None:
         super().prepare(context)
-        self.sums, self.counts, self.source_scores = {}, {}, {}
+        if self.each > len(context.checkpoints):
+            raise ConfigError(
+                f"selection method 'gradient': checkpoints_per_sample {self.each} exceeds the "
+                f"{len(context.checkpoints)} warm-up checkpoints (select.checkpoints); "
+                "0 scores every sample at every checkpoint"
+            )
+        if self.each == len(context.checkpoints):
+            self.each = 0  # every checkpoint: the sum itself, no estimate
+        self.sums, self.counts, self.cosine_sums = {}, {}, {}
+        self.source_scores, self.cosine_means = {}, {}
 
-    def observe(self, pool: Pool, features: list[torch.Tensor]) -> None:
+    def rows_per_batch(self, batch_size: int) -> int:
+        """With one checkpoint per sample, each checkpoint's model sees m/C of a batch's rows:
+        C/m times ``batch_size`` rows keep its passes at ``batch_size`` rows."""
+        if not self.each:
+            return batch_size
+        return max(1, batch_size * len(self.context.checkpoints) // self.each)
+
+    def observe(self, pool: Pool, features: Mapping[int, torch.Tensor]) -> None:
         if not self.by_source:
             return
         k = self.context.pool_index[pool.name]
-        batch = torch.stack([f.to(F64).sum(dim=0).cpu() for f in features])
-        self.sums[k] = self.sums[k] + batch if k in self.sums else batch
-        self.counts[k] = self.counts.get(k, 0) + len(features[0])
+        if k not in self.sums:
+            d = self.targets[0].shape[1]
+            self.sums[k] = torch.zeros(len(self.open), d, dtype=F64)
+            self.counts[k] = torch.zeros(len(self.open), dtype=F64)
+        for c, f in features.items():
+            self.sums[k][c] += f.to(F64).sum(dim=0).cpu()
+            self.counts[k][c] += len(f)
 
     def tally(self) -> dict[str, torch.Tensor]:
         out = {f"sum{k}": v for k, v in self.sums.items()}
-        out.update({f"count{k}": torch.tensor(float(n), dtype=F64) for k, n in self.counts.items()})
+        out.update({f"count{k}": v for k, v in self.counts.items()})
+        out.update({f"cosines{k}": v for k, v in self.cosine_sums.items()})
         return out
 
     def absorb(self, total: Mapping[str, torch.Tensor]) -> None:
-        """Each pool's ``source_score`` from its mean projected gradient over every process."""
+        """Each pool's ``source_score`` from its mean projected gradient over every process and,
+        with one checkpoint per sample, its mean cosine at each checkpoint."""
         ctx = self.context
         lrs = torch.tensor([c.lr for c in ctx.checkpoints], dtype=F64)
-        self.source_scores = {}
+        self.source_scores, self.cosine_means = {}, {}
         for name, k in ctx.pool_index.items():
-            if f"sum{k}" not in total:  # no process scored a batch of this pool
-                continue
-            target = torch.cat(self.target_overall[ctx.heads[name]])  # [C, d]
-            mean = total[f"sum{k}"] / total[f"count{k}"]
-            pairs = zip(mean, target, strict=True)
-            cosines = torch.stack([_cosine_matrix(m[None], t[None])[0, 0] for m, t in pairs])
-            self.source_scores[k] = float((lrs * cosines).sum())
+            if f"sum{k}" in total:  # else no process scored a batch of this pool
+                target = torch.cat(self.target_overall[ctx.heads[name]])  # [C, d]
+                mean = total[f"sum{k}"] / total[f"count{k}"].clamp_min(1.0).unsqueeze(1)
+                pairs = zip(mean, target, strict=True)
+                cosines = torch.stack([_cosine_matrix(m[None], t[None])[0, 0] for m, t in pairs])
+                self.source_scores[k] = float((lrs * cosines).sum())
+            if f"cosines{k}" in total:
+                seen = total[f"cosines{k}"]
+                self.cosine_means[k] = seen[:, 1:] / seen[:, :1].clamp_min(1.0)
 
     def score(self, pool: Pool, batch: PoolBatch) -> Scores:
+        ctx = self.context
+        lrs = torch.tensor([c.lr for c in ctx.checkpoints], dtype=F64)
+        if self.each:
+            k = ctx.pool_index[pool.name]
+            rows = torch.arange(batch.start, batch.start + len(batch.y))
+            at = spread(rows, len(ctx.checkpoints), self.each, ctx.seed, k)  # [N, m]
+            cosines = self.cosines(pool, batch, at)  # [N, C, J], NaN where not measured
+            measured = cosines.isfinite()
+            counted = torch.cat(
+                [measured[:, :, 0].sum(0, dtype=F64)[:, None], cosines.nan_to_num().sum(0)], 1
+            )  # [C, 1 + J]: rows measured at each checkpoint, then their cosines' sums
+            self.cosine_sums[k] = (
+                self.cosine_sums[k] + counted if k in self.cosine_sums else counted
+            )
+            own = cosines.gather(1, at[:, :, None].expand(-1, -1, cosines.shape[2]))  # [N, m, J]
+            scale = len(ctx.checkpoints) / self.each
+            per_subtask = scale * (own * lrs[at][:, :, None]).sum(dim=1)  # refined by finish
+            best, _ = per_subtask.max(dim=1)
+            return {"score": best, "_at": at, "_cosines": own}
         cosines = self.cosines(pool, batch)  # [N, C, J]
-        lrs = torch.tensor([c.lr for c in self.context.checkpoints], dtype=F64)
         per_subtask = torch.einsum("ncj,c->nj", cosines, lrs)
         best, chosen = per_subtask.max(dim=1)
         at_best = cosines.gather(2, chosen.view(-1, 1, 1).expand(-1, cosines.shape[1], 1))
@@ -472,12 +555,92 @@ class GradientMethod(_CheckpointCosines):
         return out
 
     def finish(self, scores: Scores) -> Scores:
-        """With ``by_source``: each sample's ``source_score``, its pool's (from :meth:`absorb`)."""
+        """With one checkpoint per sample: each sample's estimate of the checkpoint sum, with its
+        pool's mean cosines (from :meth:`absorb`) as the control variate; with ``by_source``:
+        each sample's ``source_score``, its pool's."""
+        scores = dict(scores)
+        if self.each and "_at" in scores:
+            scores = self._estimate(scores)
         if not self.by_source or len(scores["score"]) == 0:
             return scores
         pools = int(scores["source"].max()) + 1
         table = torch.tensor([self.source_scores.get(k, 0.0) for k in range(pools)], dtype=F64)
         return {**scores, "source_score": table[scores["source"]]}
+
+    def _estimate(self, scores: Scores) -> Scores:
+        """Σ_c lr_c cos_c(x) estimated from the m checkpoints a sample was measured at:
+        (C/m) Σ_{c ∈ at(x)} lr_c (cos_c(x) − μ_c) + Σ_c lr_c μ_c, μ_c the mean cosine of the
+        sample's pool at checkpoint c. Unbiased over the random choice of checkpoints (each is
+        drawn with probability m/C), and exact where the learning rate is constant (as in the
+        warm-up) and a sample differs from its pool's mean by the same at every checkpoint:
+        what is left to chance is how a sample's standing in its pool changes along the
+        warm-up."""
+        ctx = self.context
+        checkpoints = len(ctx.checkpoints)
+        lrs = torch.tensor([c.lr for c in ctx.checkpoints], dtype=F64)
+        at, own = scores.pop("_at"), scores.pop("_cosines")  # [N, m], [N, m, J]
+        source = scores["source"]
+        pools = int(source.max()) + 1 if len(source) else 0
+        unseen = torch.zeros(checkpoints, own.shape[2], dtype=F64)
+        means = torch.stack(
+            [self.cosine_means.get(k, unseen) for k in range(pools)] or [unseen]
+        )  # [P, C, J]
+        mu = means[source[:, None], at]  # [N, m, J]
+        base = (means * lrs[None, :, None]).sum(dim=1)[source]  # [N, J]
+        per_subtask = (checkpoints / self.each) * ((own - mu) * lrs[at][:, :, None]).sum(1) + base
+        best, chosen = per_subtask.max(dim=1)
+        scores["score"] = best
+        at_best = own.gather(2, chosen.view(-1, 1, 1).expand(-1, own.shape[1], 1))[:, :, 0]
+        for c, checkpoint in enumerate(ctx.checkpoints):
+            column = torch.full((len(best),), math.nan, dtype=F64)
+            hit = at == c  # [N, m]
+            rows, slot = hit.nonzero(as_tuple=True)
+            column[rows] = at_best[rows, slot]
+            scores[f"cos_step{checkpoint.step}"] = column
+        if self.labels:
+            scores["subtask"] = torch.tensor(self.labels, dtype=torch.int64)[chosen]
+        return scores
+
+
+def spread(rows: torch.Tensor, checkpoints: int, each: int, seed: int, pool: int) -> torch.Tensor:
+    """[N, each]: the checkpoints (indices) at which the pool ``rows`` are scored.
+
+    Rows go in blocks of ``checkpoints`` consecutive rows; each block gets its own seeded random
+    permutation π of the checkpoints, and the block's row p the checkpoints π[p], π[p+1], …,
+    π[p+each−1] (mod C). So every checkpoint scores ``each`` rows of each full block: a pool is
+    spread evenly over the checkpoints whatever the order of its rows, and the choice depends
+    only on (seed, pool, row), not on the batches or the process that scores them.
+    """
+    import numpy as np
+
+    if len(rows) == 0:
+        return torch.zeros(0, each, dtype=torch.int64)
+    r = rows.numpy().astype(np.uint64)
+    size = np.uint64(checkpoints)
+    blocks, which = np.unique(r // size, return_inverse=True)
+    keys = _mix(
+        np.uint64(seed % 2**64),
+        np.uint64(pool),
+        blocks[:, None],
+        np.arange(checkpoints, dtype=np.uint64)[None, :],
+    )
+    permutations = np.argsort(keys, axis=1, kind="stable")  # [B, C]
+    slots = ((r % size).astype(np.int64)[:, None] + np.arange(each)[None, :]) % checkpoints
+    return torch.from_numpy(permutations[which.reshape(-1)[:, None], slots].astype(np.int64))
+
+
+def _mix(*parts: Any) -> Any:
+    """A 64-bit hash of broadcast unsigned integer arrays (splitmix64's finaliser per part)."""
+    import numpy as np
+
+    out = np.zeros((), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for part in parts:
+            x = (np.asarray(part, dtype=np.uint64) ^ out) + np.uint64(0x9E3779B97F4A7C15)
+            x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            out = x ^ (x >> np.uint64(31))
+    return out
 
 
 class TawtMethod(_CheckpointCosines):

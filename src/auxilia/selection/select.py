@@ -234,10 +234,11 @@ def select(
     prepared = time.perf_counter()
     scored: list[dict[str, torch.Tensor]] = []
     scoring_seconds, samples = 0.0, 0
+    per_batch = method.rows_per_batch(settings.batch_size)
     try:
         for k, pool in enumerate(pools):
             method.start_pool(pool)
-            for b, batch in enumerate(pool.batches(settings.batch_size)):
+            for b, batch in enumerate(pool.batches(per_batch)):
                 if b % place.world != place.rank:
                     continue
                 if pool.head == "target" and target.kind == "classification":
