@@ -418,6 +418,10 @@ def test_spread_gives_every_checkpoint_its_share_of_each_block(
             assert counts.tolist() == [each] * checkpoints
 
 
+def fails_if_built() -> ClassifierLearner:
+    raise AssertionError("the model was built: the config was not checked first")
+
+
 def test_checkpoints_per_sample_is_checked() -> None:
     target, pools = problem()
     ctx = context_for(target, pools, learner_factory(), checkpoints=2)
@@ -427,6 +431,11 @@ def test_checkpoints_per_sample_is_checked() -> None:
         get_method("gradient", {"checkpoints_per_sample": -1})
     with pytest.raises(ConfigError, match="'checkpoints_per_sample' expects an integer"):
         get_method("gradient", {"checkpoints_per_sample": "all"})
+    settings = SelectSettings(
+        method="gradient", checkpoints=2, params={"checkpoints_per_sample": 4}
+    )
+    with pytest.raises(ConfigError, match="checkpoints_per_sample 4 exceeds the 2 warm-up"):
+        select(target, pools, fails_if_built, settings)  # before the warm-up: no model built
     every = get_method("gradient", {"checkpoints_per_sample": 2})  # m = C: the sum itself
     every.prepare(ctx)
     assert every.rows_per_batch(16) == 16

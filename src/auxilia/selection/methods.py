@@ -66,6 +66,11 @@ class Method:
     def __init__(self, **params: Any) -> None:
         self.params = params
 
+    def check(self, checkpoints: int) -> None:
+        """Raise a :class:`~auxilia.errors.ConfigError` if the parameters cannot work with
+        ``checkpoints`` warm-up checkpoints: called before the warm-up, so a bad config fails
+        at once. Default: nothing to check."""
+
     def prepare(self, context: Context) -> None:
         self.context = context
 
@@ -470,14 +475,17 @@ class GradientMethod(_CheckpointCosines):
         self.source_scores: dict[int, float] = {}
         self.cosine_means: dict[int, torch.Tensor] = {}  # pool -> [C, J]
 
-    def prepare(self, context: Context) -> None:
-        super().prepare(context)
-        if self.each > len(context.checkpoints):
+    def check(self, checkpoints: int) -> None:
+        if self.each > checkpoints:
             raise ConfigError(
                 f"selection method 'gradient': checkpoints_per_sample {self.each} exceeds the "
-                f"{len(context.checkpoints)} warm-up checkpoints (select.checkpoints); "
+                f"{checkpoints} warm-up checkpoints (select.checkpoints); "
                 "0 scores every sample at every checkpoint"
             )
+
+    def prepare(self, context: Context) -> None:
+        super().prepare(context)
+        self.check(len(context.checkpoints))
         if self.each == len(context.checkpoints):
             self.each = 0  # every checkpoint: the sum itself, no estimate
         self.sums, self.counts, self.cosine_sums = {}, {}, {}

@@ -188,6 +188,8 @@ def select(
     if len(set(names)) != len(names) or target.name in names:
         raise DataError(f"select: pool names must be unique and differ from the target's: {names}")
     method: Method = get(settings.method, settings.params)
+    if method.needs_warmup:
+        method.check(settings.checkpoints)
     device = local_device(torch.device(settings.device))
     place = join(device, settings.timeout)
     heads = {p.name: target.name if p.head == "target" else p.name for p in pools}
