@@ -418,6 +418,23 @@ def test_spread_gives_every_checkpoint_its_share_of_each_block(
             assert counts.tolist() == [each] * checkpoints
 
 
+def test_gradient_scores_do_not_depend_on_the_batches() -> None:
+    """One checkpoint per sample: which checkpoint measures a row depends on the row alone, so
+    the scores and the source scores are the same whatever the scoring batch size."""
+    target, pools = problem(rows=30)
+    tables = []
+    for batch in (5, 16, 64):
+        s = SelectSettings(method="gradient", warmup_steps=20, checkpoints=3, batch_size=batch)
+        table = select(target, pools, learner_factory(), s).table
+        tables.append(table.sort_values(["source", "index"]).reset_index(drop=True))
+    for table in tables[1:]:
+        for column in ("score", "source_score"):
+            np.testing.assert_allclose(table[column], tables[0][column], rtol=1e-5, atol=1e-9)
+        steps = [c for c in table.columns if c.startswith("cos_step")]
+        assert len(steps) == 3
+        assert table[steps].notna().sum(axis=1).eq(1).all()  # each row measured once
+
+
 def fails_if_built() -> ClassifierLearner:
     raise AssertionError("the model was built: the config was not checked first")
 
