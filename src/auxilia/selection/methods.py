@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -468,7 +469,8 @@ class GradientMethod(_CheckpointCosines):
             checkpoints_per_sample=checkpoints_per_sample,
         )
         self.contrast, self.by_source = contrast, by_source
-        self.each = checkpoints_per_sample
+        self.requested = checkpoints_per_sample
+        self.each = checkpoints_per_sample  # as used: 0 where it asks for every checkpoint
         self.sums: dict[int, torch.Tensor] = {}  # pool -> [C, d]: Σ of its projected gradients
         self.counts: dict[int, torch.Tensor] = {}  # pool -> [C]: how many rows each sums
         self.cosine_sums: dict[int, torch.Tensor] = {}  # pool -> [C, J]: Σ of its rows' cosines
@@ -476,9 +478,9 @@ class GradientMethod(_CheckpointCosines):
         self.cosine_means: dict[int, torch.Tensor] = {}  # pool -> [C, J]
 
     def check(self, checkpoints: int) -> None:
-        if self.each > checkpoints:
+        if self.requested > checkpoints:
             raise ConfigError(
-                f"selection method 'gradient': checkpoints_per_sample {self.each} exceeds the "
+                f"selection method 'gradient': checkpoints_per_sample {self.requested} exceeds the "
                 f"{checkpoints} warm-up checkpoints (select.checkpoints); "
                 "0 scores every sample at every checkpoint"
             )
@@ -486,8 +488,8 @@ class GradientMethod(_CheckpointCosines):
     def prepare(self, context: Context) -> None:
         super().prepare(context)
         self.check(len(context.checkpoints))
-        if self.each == len(context.checkpoints):
-            self.each = 0  # every checkpoint: the sum itself, no estimate
+        every = self.requested == len(context.checkpoints)
+        self.each = 0 if every else self.requested  # every checkpoint: the sum, no estimate
         self.sums, self.counts, self.cosine_sums = {}, {}, {}
         self.source_scores, self.cosine_means = {}, {}
 
@@ -619,8 +621,6 @@ def spread(rows: torch.Tensor, checkpoints: int, each: int, seed: int, pool: int
     spread evenly over the checkpoints whatever the order of its rows, and the choice depends
     only on (seed, pool, row), not on the batches or the process that scores them.
     """
-    import numpy as np
-
     if len(rows) == 0:
         return torch.zeros(0, each, dtype=torch.int64)
     r = rows.numpy().astype(np.uint64)
@@ -639,8 +639,6 @@ def spread(rows: torch.Tensor, checkpoints: int, each: int, seed: int, pool: int
 
 def _mix(*parts: Any) -> Any:
     """A 64-bit hash of broadcast unsigned integer arrays (splitmix64's finaliser per part)."""
-    import numpy as np
-
     out = np.zeros((), dtype=np.uint64)
     with np.errstate(over="ignore"):
         for part in parts:
