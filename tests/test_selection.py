@@ -435,6 +435,26 @@ def test_gradient_scores_do_not_depend_on_the_batches() -> None:
         assert table[steps].notna().sum(axis=1).eq(1).all()  # each row measured once
 
 
+@pytest.mark.parametrize(
+    ("method", "params", "expected"),
+    [
+        ("gradient", {}, 1),
+        ("gradient", {"checkpoints_per_sample": 2}, 2),
+        ("gradient", {"checkpoints_per_sample": 0}, 3),
+        ("tawt", {}, 3),
+        ("loss", {}, 1),
+    ],
+)
+def test_timing_reports_the_passes_per_sample(
+    method: str, params: dict[str, Any], expected: int
+) -> None:
+    """``timing["passes_per_sample"]``: how many checkpoints measured each sample (one forward
+    and one backward each) for the gradient methods, 1 for the others."""
+    target, pools = problem(rows=12)
+    s = SelectSettings(method=method, params=params, warmup_steps=6, checkpoints=3)
+    assert select(target, pools, learner_factory(), s).timing["passes_per_sample"] == expected
+
+
 def fails_if_built() -> ClassifierLearner:
     raise AssertionError("the model was built: the config was not checked first")
 

@@ -32,14 +32,6 @@ from auxilia.selection import ClassifierLearner, Pool, SelectSettings, select
 GRADIENT_METHODS = ("gradient", "tawt")
 
 
-def passes(name: str, params: dict[str, Any], checkpoints: int) -> int:
-    """How many warm-up checkpoints score each sample (one pass each)."""
-    if name not in GRADIENT_METHODS:
-        return 1
-    each = int(params.get("checkpoints_per_sample", 1)) if name == "gradient" else 0
-    return checkpoints if each == 0 else min(each, checkpoints)
-
-
 @functools.lru_cache(maxsize=4)  # every case of a trunk reads the same digits
 def _problem(trunk: str, pool_size: int) -> tuple[Target, Pool, tuple[int, ...]]:
     x_all, y_all = load_mnist_5000()
@@ -70,7 +62,7 @@ def measure(
     )
     timing = select(target, [pool], make, settings).timing
     ratio = timing["scoring_samples_per_second"] / timing["plain_samples_per_second"]
-    per_sample = passes(name, params, checkpoints)
+    per_sample = int(timing["passes_per_sample"])
     return {
         "trunk": trunk,
         "method": method,

@@ -119,7 +119,11 @@ def select(
     typer.echo(f"{selection.method}: selected {selection.budget} samples ({shown})")
     rate = selection.timing["scoring_samples_per_second"]
     plain = selection.timing["plain_samples_per_second"]
-    typer.echo(f"scoring {rate:,.0f} samples/s; plain forward+backward {plain:,.0f} samples/s")
+    passes = int(selection.timing["passes_per_sample"])
+    each = f" ({passes} passes a sample)" if passes > 1 else ""
+    typer.echo(
+        f"scoring {rate:,.0f} samples/s{each}; plain forward+backward {plain:,.0f} samples/s"
+    )
     if "config" in paths:
         typer.echo(
             f"ranking: {paths['parquet']}; train on the selection: auxilia run {paths['config']}"

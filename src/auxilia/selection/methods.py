@@ -83,6 +83,11 @@ class Method:
         rows (default: the same)."""
         return batch_size
 
+    def passes(self) -> int:
+        """Model passes scoring makes per sample (after :meth:`prepare`): one forward and one
+        backward per checkpoint that measures it for the gradient methods; 1 otherwise."""
+        return 1
+
     def score(self, pool: Pool, batch: PoolBatch) -> Scores:
         raise NotImplementedError
 
@@ -370,6 +375,9 @@ class _CheckpointCosines(Method):
         """Sees each checkpoint's [n, d] projected gradients of the batch rows it measured,
         by checkpoint index (a checkpoint that measured no row is left out); default: nothing."""
 
+    def passes(self) -> int:
+        return len(self.context.checkpoints)
+
     def end_pool(self, pool: Pool) -> None:
         self._close_features()
 
@@ -499,6 +507,9 @@ class GradientMethod(_CheckpointCosines):
         if not self.each:
             return batch_size
         return max(1, batch_size * len(self.context.checkpoints) // self.each)
+
+    def passes(self) -> int:
+        return self.each or len(self.context.checkpoints)
 
     def observe(self, pool: Pool, features: Mapping[int, torch.Tensor]) -> None:
         if not self.by_source:

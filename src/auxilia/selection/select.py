@@ -262,6 +262,7 @@ def select(
         "scoring_seconds": scoring_seconds,
         "scored_samples": float(samples),
         "scoring_samples_per_second": samples / max(scoring_seconds, 1e-9),
+        "passes_per_sample": float(method.passes()),
         "plain_samples_per_second": plain_throughput(
             learner, pools[0], heads[pools[0].name], settings.batch_size, device
         ),
