@@ -480,7 +480,7 @@ class GradientMethod(_CheckpointCosines):
         self.requested = checkpoints_per_sample
         self.each = checkpoints_per_sample  # as used: 0 where it asks for every checkpoint
         self.sums: dict[int, torch.Tensor] = {}  # pool -> [C, d]: Σ of its projected gradients
-        self.counts: dict[int, torch.Tensor] = {}  # pool -> [C]: how many rows each sums
+        self.counts: dict[int, torch.Tensor] = {}  # pool -> [C]: rows measured at each
         self.cosine_sums: dict[int, torch.Tensor] = {}  # pool -> [C, J]: Σ of its rows' cosines
         self.source_scores: dict[int, float] = {}
         self.cosine_means: dict[int, torch.Tensor] = {}  # pool -> [C, J]
@@ -512,16 +512,16 @@ class GradientMethod(_CheckpointCosines):
         return self.each or len(self.context.checkpoints)
 
     def observe(self, pool: Pool, features: Mapping[int, torch.Tensor]) -> None:
-        if not self.by_source:
-            return
         k = self.context.pool_index[pool.name]
-        if k not in self.sums:
-            d = self.targets[0].shape[1]
-            self.sums[k] = torch.zeros(len(self.open), d, dtype=F64)
+        if k not in self.counts:
             self.counts[k] = torch.zeros(len(self.open), dtype=F64)
+            if self.by_source:
+                d = self.targets[0].shape[1]
+                self.sums[k] = torch.zeros(len(self.open), d, dtype=F64)
         for c, f in features.items():
-            self.sums[k][c] += f.to(F64).sum(dim=0).cpu()
             self.counts[k][c] += len(f)
+            if self.by_source:
+                self.sums[k][c] += f.to(F64).sum(dim=0).cpu()
 
     def tally(self) -> dict[str, torch.Tensor]:
         out = {f"sum{k}": v for k, v in self.sums.items()}
@@ -543,8 +543,8 @@ class GradientMethod(_CheckpointCosines):
                 cosines = torch.stack([_cosine_matrix(m[None], t[None])[0, 0] for m, t in pairs])
                 self.source_scores[k] = float((lrs * cosines).sum())
             if f"cosines{k}" in total:
-                seen = total[f"cosines{k}"]
-                self.cosine_means[k] = seen[:, 1:] / seen[:, :1].clamp_min(1.0)
+                rows = total[f"count{k}"].clamp_min(1.0).unsqueeze(1)
+                self.cosine_means[k] = total[f"cosines{k}"] / rows
 
     def score(self, pool: Pool, batch: PoolBatch) -> Scores:
         ctx = self.context
@@ -554,13 +554,8 @@ class GradientMethod(_CheckpointCosines):
             rows = torch.arange(batch.start, batch.start + len(batch.y))
             at = spread(rows, len(ctx.checkpoints), self.each, ctx.seed, k)  # [N, m]
             cosines = self.cosines(pool, batch, at)  # [N, C, J], NaN where not measured
-            measured = cosines.isfinite()
-            counted = torch.cat(
-                [measured[:, :, 0].sum(0, dtype=F64)[:, None], cosines.nan_to_num().sum(0)], 1
-            )  # [C, 1 + J]: rows measured at each checkpoint, then their cosines' sums
-            self.cosine_sums[k] = (
-                self.cosine_sums[k] + counted if k in self.cosine_sums else counted
-            )
+            summed = cosines.nan_to_num().sum(0)  # [C, J]: over the rows measured at each
+            self.cosine_sums[k] = self.cosine_sums[k] + summed if k in self.cosine_sums else summed
             own = cosines.gather(1, at[:, :, None].expand(-1, -1, cosines.shape[2]))  # [N, m, J]
             scale = len(ctx.checkpoints) / self.each
             per_subtask = scale * (own * lrs[at][:, :, None]).sum(dim=1)  # refined by finish
