@@ -181,7 +181,8 @@ def compare(
         assert_rel(a, b, rtol)
     for s, r in zip(got[1], ref[1], strict=True):
         assert torch.equal(s.present, r.present)
-        for name in ("losses", "target_row", "gram", "norms", "validation_row", "ema_row"):
+        names = ("losses", "target_row", "gram", "norms", "validation_row", "ema_row", "ema_sqnorm")
+        for name in names:
             assert_rel(getattr(s, name), getattr(r, name), rtol)
     for g, r in zip(got[2], ref[2], strict=True):
         if r is None:
@@ -286,6 +287,71 @@ def test_target_ema_matches_exact(mode: str) -> None:
     model = Model("mlp", 3, seed=4, aux_only=True)
     batches = make_batches("mlp", "shared-input", 3, [[0, 1, 2, 0]] * 3, seed=4)
     compare(model, "shared-input", ema_strategy(), batches, set(), mode)
+
+
+def ema_norm_strategy() -> Strategy:
+    """A strategy that reads only ‖ĝ‖² (``Need.TARGET_EMA_NORM``): K+1 coefficients."""
+
+    def update(stats: Statistics, state: dict[str, torch.Tensor]) -> Any:
+        assert stats.ema_row is None  # no inner products with ĝ were asked for
+        scale = 1.0 / (1.0 + float(stats.require(Need.TARGET_EMA_NORM)))
+        return torch.full((stats.num_sources,), scale, dtype=F64), state
+
+    return Strategy("ema-norm-test", frozenset({Need.TARGET_EMA_NORM}), no_state, update, {}, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("layout", "mode"),
+    [("shared-input", "jvp"), ("shared-input", "batched"), ("partitioned", "ghost")],
+)
+def test_target_ema_norm_matches_exact(layout: str, mode: str) -> None:
+    model = Model("mlp", 3, seed=6, aux_only=layout == "shared-input")
+    batches = make_batches("mlp", layout, 3, [[0, 1, 2, 0], [0, 2, 2, 1], [1, 0, 0, 2]], seed=6)
+    compare(model, layout, ema_norm_strategy(), batches, set(), mode)
+
+
+def test_target_ema_norm_by_hand() -> None:
+    """‖ĝ‖² after each step, with ĝ ← ĝ + ρ(g_0 − ĝ) from the exact target gradients."""
+    model = Model("mlp", 3, seed=7, aux_only=False)
+    batches = make_batches("mlp", "partitioned", 3, [[0, 1, 0, 2], [0, 0, 1, 2]], seed=7)
+    engine = Engine(model, strategy=ema_norm_strategy(), num_sources=3, mode="ghost")
+    params = [p for p in model.parameters() if p.requires_grad]
+    ema: torch.Tensor | None = None
+    for x, y, ids in batches:
+        losses = losses_of(model, "partitioned", x, y, ids)
+        g0 = torch.autograd.grad(
+            losses[ids == 0].mean(), params, retain_graph=True, allow_unused=True
+        )
+        parts = [torch.zeros_like(p) if g is None else g for g, p in zip(g0, params, strict=True)]
+        flat = torch.cat([g.reshape(-1) for g in parts])
+        ema = flat.clone() if ema is None else ema + 0.5 * (flat - ema)
+        alpha = engine.backward(losses, ids)
+        assert alpha.shape == (3,)
+        assert engine.last_statistics is not None
+        assert_rel(engine.last_statistics.ema_sqnorm, (ema**2).sum(), 1e-10)
+        for p in params:
+            p.grad = None
+
+
+def test_closure_of_the_ema_needs() -> None:
+    assert Need.closure({Need.TARGET_EMA}) == {
+        Need.TARGET_EMA,
+        Need.TARGET_EMA_NORM,
+        Need.TARGET_ROW,
+    }
+    assert Need.closure({Need.TARGET_EMA_NORM}) == {Need.TARGET_EMA_NORM, Need.TARGET_ROW}
+
+
+def test_a_norm_only_strategy_returning_the_ema_coefficient_is_refused() -> None:
+    def update(stats: Statistics, state: dict[str, torch.Tensor]) -> Any:
+        return torch.ones(stats.num_sources + 1, dtype=F64), state
+
+    strategy = Strategy("extra", frozenset({Need.TARGET_EMA_NORM}), no_state, update, {}, 0.5)
+    model = Model("mlp", 3, seed=8, aux_only=False)
+    ((x, y, ids),) = make_batches("mlp", "partitioned", 3, [[0, 1, 2]], seed=8)
+    engine = Engine(model, strategy=strategy, num_sources=3, mode="ghost")
+    with pytest.raises(EngineError, match=r"returned \(4,\) coefficients for 3 sources"):
+        engine.backward(losses_of(model, "partitioned", x, y, ids), ids)
 
 
 def test_batched_validation_row_matches_exact() -> None:

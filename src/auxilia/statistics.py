@@ -22,12 +22,16 @@ class Need(enum.Enum):
     NORMS = "norms"  # ||g_k|| for every source k
     VALIDATION = "validation_row"  # <g_val, g_k>: held-out target gradient against each source
     TARGET_EMA = "ema_row"  # <g_k, ĝ>: ĝ an exponential moving average of the target gradient
+    TARGET_EMA_NORM = "ema_sqnorm"  # ||ĝ||² alone: no inner products against ĝ, no coefficient
 
     @staticmethod
     def closure(needs: Iterable[Need]) -> frozenset[Need]:
-        """Add what is implied: the Gram matrix contains the target row and the norms."""
+        """Add what is implied: the Gram matrix contains the target row and the norms; the
+        EMA row comes with the EMA's norm; ĝ is kept from the modes that measure the row."""
         out = set(needs)
-        if Need.VALIDATION in out or Need.TARGET_EMA in out:
+        if Need.TARGET_EMA in out:
+            out.add(Need.TARGET_EMA_NORM)
+        if out & {Need.VALIDATION, Need.TARGET_EMA_NORM}:
             out.add(Need.TARGET_ROW)
         if Need.GRAM in out:
             out |= {Need.TARGET_ROW, Need.NORMS}

@@ -261,7 +261,9 @@ def jacobian_statistics(
 
 
 # What needs a Jacobian (rather than the losses alone).
-GRADIENT_NEEDS = frozenset({Need.TARGET_ROW, Need.GRAM, Need.NORMS, Need.TARGET_EMA})
+GRADIENT_NEEDS = frozenset(
+    {Need.TARGET_ROW, Need.GRAM, Need.NORMS, Need.TARGET_EMA, Need.TARGET_EMA_NORM}
+)
 
 
 Path = Literal["vmap", "loop"]

@@ -46,7 +46,7 @@ from auxilia.engine.source_losses import SourceLosses, Weighted
 from auxilia.errors import EngineError
 from auxilia.statistics import Need, Statistics
 
-PROVIDES = frozenset({Need.LOSSES, Need.TARGET_ROW, Need.TARGET_EMA})
+PROVIDES = frozenset({Need.LOSSES, Need.TARGET_ROW, Need.TARGET_EMA, Need.TARGET_EMA_NORM})
 SECOND_ORDER_ERRORS: tuple[type[Exception], ...] = (RuntimeError, NotImplementedError)
 # |row[0] − ‖g_0‖²| above this fraction of ‖g_0‖² means the second-order pass missed a path.
 # Loose enough for bfloat16 autocast (rounding of the recorded backward), tight enough to

@@ -30,7 +30,8 @@ scenario:
   (an EMA of i.i.d. vectors); the step's evidence weight is w = clip((r − r_0) / (1 − r_0), 0,
   1) with r_0 that noise level, so pure-noise steps leave the evidence as it was.
 - *Scale-free and cheap.* Cosines and r do not depend on loss scales; the rule needs the
-  target row, the norms and ĝ (one parameter-sized buffer), no Gram matrix.
+  target row, the norms and ‖ĝ‖ (the engine keeps ĝ, one parameter-sized buffer, but takes no
+  inner products with it: ``Need.TARGET_EMA_NORM``), no Gram matrix.
 
 The running mean and variance are exponential moving averages with rate ρ·w (``rate`` ρ =
 0.1, an effective memory of about 19 fully weighted draws of a source, so the gate follows a
@@ -90,7 +91,7 @@ def auto(rate: float = 0.1) -> Strategy:
         sqnorm = stats.ema_sqnorm
         if sqnorm is None:
             raise ValueError("statistic 'ema_sqnorm' was not computed")
-        level, seen = (float(v) for v in state["target_norm"])
+        level, seen = state["target_norm"].tolist()
         if bool(stats.present[0]):
             level, seen = (1.0 - rate) * level + rate * float(norms[0]), seen + 1.0
         mean_norm = level / (1.0 - (1.0 - rate) ** seen) if seen else 0.0
@@ -115,7 +116,7 @@ def auto(rate: float = 0.1) -> Strategy:
         se = (variance / effective).sqrt()
         gate = torch.where(se > 0, (m / se.clamp_min(1e-300)).clamp(0.0, 1.0), (m > 0).to(F64))
         gate = torch.where(drawn & (weight > 0), gate, torch.zeros_like(gate))
-        alpha = torch.cat([gate, torch.zeros(1, dtype=F64)])  # the last multiplies ĝ: unused
+        alpha = gate  # a fresh tensor
         alpha[0] = 1.0
         new_state = {
             "mean": mean,
@@ -126,5 +127,5 @@ def auto(rate: float = 0.1) -> Strategy:
         }
         return alpha, new_state
 
-    needs = frozenset({Need.TARGET_ROW, Need.NORMS, Need.TARGET_EMA})
+    needs = frozenset({Need.TARGET_ROW, Need.NORMS, Need.TARGET_EMA_NORM})
     return Strategy("auto", needs, init, update, {"rate": rate}, target_ema=rate)

@@ -28,8 +28,9 @@ class Strategy:
 
     ``coefficients[0]`` multiplies the target's gradient, ``coefficients[k]`` source k's. The
     engine forces the coefficient of a source absent from a step to zero. A strategy that
-    needs ``Need.TARGET_EMA`` sets ``target_ema`` (the EMA rate ρ of the target gradient ĝ the
-    engine keeps: ĝ ← ĝ + ρ(g_0 − ĝ)) and returns one more coefficient, the last, for ĝ.
+    needs ``Need.TARGET_EMA`` or ``Need.TARGET_EMA_NORM`` sets ``target_ema`` (the EMA rate ρ of
+    the target gradient ĝ the engine keeps: ĝ ← ĝ + ρ(g_0 − ĝ)); one that needs
+    ``Need.TARGET_EMA`` (inner products with ĝ) returns one more coefficient, the last, for ĝ.
     """
 
     name: str
