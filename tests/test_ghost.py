@@ -9,7 +9,7 @@ forms its factors in float32).
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -276,7 +276,7 @@ def test_tied_embedding_and_output_weights() -> None:
     compare(Tied, lambda m: m.losses(tokens), IDS, 3)  # type: ignore[operator]
 
 
-@pytest.mark.parametrize("strategy", ["bloop", "auxilearn"])
+@pytest.mark.parametrize("strategy", ["bloop", "auxilearn", "auto"])
 def test_target_ema_and_validation_strategies(strategy: str) -> None:
     """Strategies that need the target-gradient EMA (dots, source_gradient) or held-out
     validation losses (an extra source) give the same coefficients and gradients."""
@@ -571,6 +571,45 @@ def test_dots_and_source_gradients_match_exact(per_group: int) -> None:
         split_by_source(model.losses(batch), IDS, 3), params, None, frozenset({Need.LOSSES})
     )
     assert relative_error(got.dots(vectors), want.dots(vectors)) < 1e-10
+    for k in range(3):
+        for a, b in zip(got.source_gradient(k), want.source_gradient(k), strict=True):
+            assert relative_error(a, b) < 1e-10
+
+
+@pytest.mark.parametrize(
+    ("model", "ids"),
+    [
+        ("branches", IDS),
+        ("branches", torch.tensor([0, 0, 2, 2, 0, 0, 0, 0])),  # source 1 absent
+        ("mixed", IDS),
+        ("mixed-split", IDS),  # the per-source path: rows are sources
+        ("mlp", torch.tensor([1, 1, 2, 2, 1, 2, 1, 1])),  # the target absent
+    ],
+)
+def test_source_gradients_from_their_own_rows_match_exact(model: str, ids: torch.Tensor) -> None:
+    """Each source's gradient (what the target-gradient EMA keeps), summed over that source's
+    rows only, on every factor kind, with sources absent from the step."""
+    from auxilia.engine.exact import measure_exact
+    from auxilia.engine.source_losses import split_by_source
+
+    gen = torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, 6, (8, 4), generator=gen)
+    x = torch.randn(8, 3, generator=gen, dtype=F64)
+    batch = mlp_batch(8, 3, ids.tolist(), 4)
+    make: Callable[[], nn.Module]
+    if model == "branches":
+        make, losses = Branches, lambda m: m.losses(x, ids)
+    elif model == "mlp":
+        make, losses = (lambda: MLP([3, 4, 2], [True, True], seed=4)), lambda m: m.losses(batch)
+    else:
+        make, losses = Mixed, lambda m: m.losses(tokens, model == "mixed-split")
+    net = make()
+    params = list(net.parameters())
+    runner = GhostRunner(ModeContext(net, params, None, "partitioned"))
+    needs = frozenset({Need.LOSSES})
+    got = runner.measure(split_by_source(losses(net), ids, 3), needs)
+    runner.close()
+    want = measure_exact(split_by_source(losses(net), ids, 3), params, None, needs)
     for k in range(3):
         for a, b in zip(got.source_gradient(k), want.source_gradient(k), strict=True):
             assert relative_error(a, b) < 1e-10

@@ -913,10 +913,15 @@ class Step:
         return out
 
     def source_gradient(self, k: int) -> list[torch.Tensor]:
-        """Source k's gradient on each shared parameter (zeros where it does not reach)."""
-        onehot = torch.zeros(self.num_sources, dtype=F64)
-        onehot[k] = 1.0
-        values = self.assemble(onehot)
+        """Source k's gradient on each shared parameter (zeros where it does not reach), summed
+        over its own rows: its samples, or its column on the per-source path."""
+        samples = (self.ids == k).nonzero().squeeze(1)
+        columns = (self.present == k).nonzero().squeeze(1).to(self.device)
+        values: dict[int, torch.Tensor] = {}
+        for params, per_sample, f in self.entries:
+            parts = f.sum_rows(samples if per_sample else columns)
+            for p, v in zip(params, parts, strict=True):
+                values[id(p)] = v if id(p) not in values else values[id(p)] + v
         return [
             values[id(p)].to(p.dtype) if id(p) in values else torch.zeros_like(p)
             for p in self.shared

@@ -8,6 +8,8 @@ sources themselves. Each factor can
 * ``add_kernel(out)``: add the R×R matrix <G_r, G_s> (the "ghost" kernel) to ``out``;
 * ``per_source(column, width)``: Σ_{r: column[r] = c} G_r for every column c, materialised;
 * ``combine(c)``: Σ_r c_r G_r, the weighted gradient (``Bᵀ diag(c) A`` for a linear layer);
+* ``sum_rows(rows)``: Σ_{r ∈ rows} G_r, one source's gradient (from its rows alone, where the
+  factor can);
 * ``dots(v)``: <G_r, v> for every row;
 * ``project(p)``: every row's gradient through per-parameter (Kronecker) projections.
 
@@ -151,6 +153,11 @@ class Factor:
     def combine(self, c: torch.Tensor) -> list[torch.Tensor]:
         """Σ_r c_r G_r per parameter (``c`` in this factor's dtype)."""
         raise NotImplementedError
+
+    def sum_rows(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Σ_{r ∈ rows} G_r per parameter (``rows``: int64 indices on the factor's device)."""
+        c = torch.zeros(self.rows, dtype=self.dtype, device=rows.device)
+        return self.combine(c.index_fill_(0, rows, 1.0))
 
     def dots(self, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
         """[R]: <G_r, v>, v given per parameter."""
@@ -354,6 +361,19 @@ class Dense2D(Factor):
         if self.bias is not None:
             biases = self._bias_cache
             out.append((c @ biases if biases is not None else bc().sum((0, 1))).reshape(self.bias))
+        return out
+
+    def sum_rows(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        if not self.simple:
+            return super().sum_rows(rows)
+        b = self.b2.index_select(0, rows)  # [n, dout]: the rows' own products only
+        out = []
+        if self.weight is not None:
+            g = b.T @ self.a2.index_select(0, rows)
+            out.append(g if g.shape == self.weight else g.view(self.weight))
+        if self.bias is not None:
+            g = b.sum(0)
+            out.append(g if g.shape == self.bias else g.view(self.bias))
         return out
 
     def dots(self, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
