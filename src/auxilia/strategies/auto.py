@@ -98,25 +98,25 @@ def auto(rate: float = 0.1) -> Strategy:
         step_rate = rate * signal_weight(math.sqrt(float(sqnorm)), mean_norm, rate)
         drawn = stats.present.clone()
         drawn[0] = False
+        # Where drawn, each EMA moves by the step's rate r: x ← x + r (new − x) (a lerp), the
+        # squared-weight sum by (1 − r)² x + r². Few, fused operations: the update runs every
+        # step, on vectors of K+1 entries, where each operation's fixed cost is what counts.
+        moved = drawn.to(F64).mul_(step_rate)
+        mean = torch.lerp(state["mean"], cos, moved)
+        square = torch.lerp(state["square"], cos * cos, moved)
+        weight = torch.lerp(state["weight"], torch.ones_like(cos), moved)
         keep = 1.0 - step_rate
-
-        def ema(
-            old: torch.Tensor, new: torch.Tensor | float, discount: float = keep
-        ) -> torch.Tensor:
-            return torch.where(drawn, discount * old + new, old)
-
-        mean = ema(state["mean"], step_rate * cos)
-        square = ema(state["square"], step_rate * cos * cos)
-        weight = ema(state["weight"], step_rate)
-        weight_sq = ema(state["weight_sq"], step_rate * step_rate, keep * keep)
+        weight_sq = torch.where(
+            drawn, state["weight_sq"] * (keep * keep) + step_rate * step_rate, state["weight_sq"]
+        )
         gathered = weight.clamp_min(1e-300)
         m = mean / gathered
-        variance = (square / gathered - m * m).clamp_min(0.0)
-        effective = (weight * weight / weight_sq.clamp_min(1e-300)).clamp_min(1.0)
-        se = (variance / effective).sqrt()
-        gate = torch.where(se > 0, (m / se.clamp_min(1e-300)).clamp(0.0, 1.0), (m > 0).to(F64))
-        gate = torch.where(drawn & (weight > 0), gate, torch.zeros_like(gate))
-        alpha = gate  # a fresh tensor
+        variance = torch.addcmul(square / gathered, m, m, value=-1.0).clamp_min_(0.0)
+        effective = (weight * weight).div_(weight_sq.clamp_min(1e-300)).clamp_min_(1.0)
+        se = variance.div_(effective).sqrt_()
+        # m / se clipped to [0, 1]; where se is 0 that is the sign of m (±inf), and 0 where m is
+        # 0 too (NaN), which also covers a source with no weighted evidence (m = 0).
+        alpha = (m / se).clamp_(0.0, 1.0).nan_to_num_(0.0).mul_(drawn)
         alpha[0] = 1.0
         new_state = {
             "mean": mean,
