@@ -93,7 +93,7 @@ class SpeedSettings:
     models: tuple[str, ...] = DEFAULT_MODELS
     layouts: tuple[Layout, ...] = LAYOUTS
     ks: tuple[int, ...] = (1, 4, 16, 64)
-    strategies: tuple[str, ...] = ("equal", "gcs", "gcs:unweighted", "olaux", "arml")
+    strategies: tuple[str, ...] = ("equal", "gcs", "gcs:unweighted", "olaux", "arml", "auto")
     repeats: int = 20
     warmup: int = 6
     threads: int = 1
