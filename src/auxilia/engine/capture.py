@@ -915,17 +915,28 @@ class Step:
     def source_gradient(self, k: int) -> list[torch.Tensor]:
         """Source k's gradient on each shared parameter (zeros where it does not reach), summed
         over its own rows: its samples, or its column on the per-source path."""
-        samples = (self.ids == k).nonzero().squeeze(1)
-        columns = (self.present == k).nonzero().squeeze(1).to(self.device)
+        samples: torch.Tensor | None = None
+        columns: torch.Tensor | None = None
         values: dict[int, torch.Tensor] = {}
         for params, per_sample, f in self.entries:
-            parts = f.sum_rows(samples if per_sample else columns)
+            if per_sample:
+                if samples is None:
+                    samples = (self.ids == k).nonzero().squeeze(1)
+                parts = f.sum_rows(samples)
+            else:
+                if columns is None:
+                    columns = (self.present == k).nonzero().squeeze(1).to(self.device)
+                parts = f.sum_rows(columns)
             for p, v in zip(params, parts, strict=True):
                 values[id(p)] = v if id(p) not in values else values[id(p)] + v
-        return [
-            values[id(p)].to(p.dtype) if id(p) in values else torch.zeros_like(p)
-            for p in self.shared
-        ]
+        out = []
+        for p in self.shared:
+            got = values.get(id(p))
+            if got is None:
+                out.append(torch.zeros_like(p))
+            else:
+                out.append(got if got.dtype == p.dtype else got.to(p.dtype))
+        return out
 
 
 def _add_grad(param: torch.Tensor, value: torch.Tensor) -> None:
