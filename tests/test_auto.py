@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -44,8 +45,68 @@ def test_registered_with_its_needs() -> None:
     assert strategy.name == "auto"
     # ‖ĝ‖ alone: no inner products with ĝ, and one coefficient per source (none for ĝ).
     assert strategy.needs == frozenset({Need.TARGET_ROW, Need.NORMS, Need.TARGET_EMA_NORM})
-    assert strategy.params == {"rate": 0.1}
+    assert strategy.params == {"rate": 0.1, "variant": "cosine"}
     assert strategy.target_ema == 0.1
+    # The projection reads the target row alone (and ‖ĝ‖): no norms.
+    projection = strategies.get("auto", {"variant": "projection"})
+    assert projection.needs == frozenset({Need.TARGET_ROW, Need.TARGET_EMA_NORM})
+    assert projection.params == {"rate": 0.1, "variant": "projection"}
+
+
+def test_projection_two_steps_by_hand() -> None:
+    strategy = auto(rate=0.5, variant="projection")
+    state = strategy.init(3)
+    # ‖g_0‖ = sqrt(<g_0, g_0>) = 2, so the evidence is <g_k, g_0> / 2 = [2, 1, -0.5]; ‖ĝ‖ = ‖g_0‖
+    # (w = 1). One observation each: the gate is the sign. No norms are given.
+    step = Statistics(
+        present=torch.ones(3, dtype=torch.bool),
+        target_row=torch.tensor([4.0, 2.0, -1.0], dtype=F64),
+        ema_sqnorm=torch.tensor(4.0, dtype=F64),
+    )
+    alpha, state = strategy.update(step, state)
+    assert_close(alpha, torch.tensor([1.0, 1.0, 0.0], dtype=F64))
+    # Step 2: evidence [.., 0.2, 0.5], rate 0.5. Source 1: mean 0.5 + 0.5 (0.2 − 0.5) = 0.35
+    # over weight 0.75, m = 0.4667; square 0.5 + 0.5 (0.04 − 0.5) = 0.27, E[x²] = 0.36,
+    # variance 0.36 − 0.4667² = 0.1422; Kish n = 0.75² / (0.5² · 0.5² + 0.5²) = 1.8; gate
+    # 0.4667 / sqrt(0.1422 / 1.8) = 1.66, clipped to 1. Source 2 (−0.5, then 0.5): mean
+    # 0.125, m = 0.1667; square 0.1875, E[x²] = 0.25, variance 0.2222: gate 0.4743.
+    step = dataclasses.replace(step, target_row=torch.tensor([4.0, 0.4, 1.0], dtype=F64))
+    alpha, state = strategy.update(step, state)
+    m, var = 0.125 / 0.75, 0.25 - (0.125 / 0.75) ** 2
+    assert_close(alpha, torch.tensor([1.0, 1.0, m / math.sqrt(var / 1.8)], dtype=F64))
+    assert float(alpha[2]) == pytest.approx(0.4743, abs=1e-4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.lists(st.floats(-1.0, 1.0), min_size=2, max_size=2), min_size=1, max_size=20))
+def test_projection_is_the_cosine_when_every_norm_is_one(steps: list[list[float]]) -> None:
+    cosine, projection = auto(), auto(variant="projection")
+    a, b = cosine.init(3), projection.init(3)
+    for row in steps:
+        stats = cosines([1.0, *row])
+        alpha, a = cosine.update(stats, a)
+        beta, b = projection.update(stats, b)
+        assert_close(alpha, beta)
+
+
+def test_projection_ignores_how_long_each_gradient_is() -> None:
+    """Scaling a source's loss by the same factor every step (its gradients, and so its
+    projections) leaves the projection gate unchanged: it is scale-free per source."""
+    gen = torch.Generator().manual_seed(1)
+    rows = [[1.0, float(torch.randn((), generator=gen)) + 0.4] for _ in range(30)]
+    for scale in (1.0, 1e-3, 1e3):
+        strategy = auto(variant="projection")
+        state = strategy.init(2)
+        for row in rows:
+            stats = Statistics(
+                present=torch.ones(2, dtype=torch.bool),
+                target_row=torch.tensor([row[0], scale * row[1]], dtype=F64),
+                ema_sqnorm=torch.tensor(1.0, dtype=F64),
+            )
+            alpha, state = strategy.update(stats, state)
+        if scale == 1.0:
+            reference = alpha
+        assert_close(alpha, reference)
 
 
 def test_signal_weight_by_hand() -> None:
@@ -121,8 +182,9 @@ def test_purpose_evidence_survives_a_fitted_target() -> None:
     assert finals["signal"] < 0.9
 
 
-def test_purpose_helpful_full_weight_harmful_none() -> None:
-    alpha = train_helpful_vs_harmful(auto(), steps=30)
+@pytest.mark.parametrize("variant", ["cosine", "projection"])
+def test_purpose_helpful_full_weight_harmful_none(variant: str) -> None:
+    alpha = train_helpful_vs_harmful(auto(variant=variant), steps=30)  # type: ignore[arg-type]
     assert float(alpha[1]) == 1.0
     assert float(alpha[2]) == 0.0
 
@@ -165,3 +227,8 @@ def test_a_consistently_negative_source_never_enters() -> None:
 def test_rate_errors(rate: float) -> None:
     with pytest.raises(StrategyError, match="rate"):
         auto(rate=rate)
+
+
+def test_variant_error_names_the_choices() -> None:
+    with pytest.raises(StrategyError, match="'cosine' or 'projection'"):
+        auto(variant="sign")  # type: ignore[arg-type]

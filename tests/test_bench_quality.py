@@ -119,7 +119,16 @@ def test_ground_truth_from_subset_runs() -> None:
 
 # ---- running the grid ----------------------------------------------------------------------
 
-TINY = ["--scenario", "digits", "--strategy", "equal,gcs", "--seeds", "2", "--steps", "4"]
+TINY = [
+    "--scenario",
+    "digits",
+    "--strategy",
+    "equal,gcs,auto:projection",
+    "--seeds",
+    "2",
+    "--steps",
+    "4",
+]
 
 
 def test_quality_smoke_through_the_cli(
@@ -135,7 +144,7 @@ def test_quality_smoke_through_the_cli(
     report = json.loads((out / "quality.json").read_text())
     assert report["schema"] == "auxilia.bench.quality/1"
     assert report["seeds"] == [0, 1]
-    assert report["strategies"] == ["target-only", "equal", "gcs"]
+    assert report["strategies"] == ["target-only", "equal", "gcs", "auto:projection"]
     for key in ("command", "machine", "wall_seconds", "bar", "standing", "skipped"):
         assert key in report
     (scenario,) = report["scenarios"]
@@ -150,7 +159,7 @@ def test_quality_smoke_through_the_cli(
         assert isinstance(source["in_oracle"], bool)
     assert set(scenario["oracle"]) >= {"sources", "mean", "gain"}
     rows = {r["strategy"]: r for r in scenario["rows"]}
-    assert set(rows) == {"target-only", "equal", "gcs"}
+    assert set(rows) == {"target-only", "equal", "gcs", "auto:projection"}  # NAME:VARIANT too
     for row in rows.values():
         assert row["status"] == "ok"
         assert row["seeds"] == 2
@@ -162,7 +171,9 @@ def test_quality_smoke_through_the_cli(
         assert "spearman_value" in row
     assert rows["target-only"]["delta"] == pytest.approx(0.0)
     assert rows["target-only"]["spearman_credit"] is None  # zero credit everywhere
-    assert [s["strategy"] for s in report["standing"]] == ["target-only", "equal", "gcs"]
+    assert [s["strategy"] for s in report["standing"]] == [
+        "target-only", "equal", "gcs", "auto:projection",
+    ]  # fmt: skip
     for s in report["standing"]:
         assert isinstance(s["meets_bar"], bool)
 
@@ -265,6 +276,9 @@ def test_unknown_names_are_one_line_errors(
     outcome = auxilia_main("bench", "quality", "--strategy", "nope", "--out", tmp_path)
     assert outcome.code != 0
     assert "unknown strategy 'nope'" in outcome.stderr
+    outcome = auxilia_main("bench", "quality", "--strategy", "auto:sign", "--out", tmp_path)
+    assert outcome.code != 0
+    assert "auto: variant must be 'cosine' or 'projection', got 'sign'" in outcome.stderr
 
 
 def test_scenarios_build_with_their_declared_sources() -> None:

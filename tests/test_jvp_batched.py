@@ -310,6 +310,26 @@ def test_target_ema_norm_matches_exact(layout: str, mode: str) -> None:
     compare(model, layout, ema_norm_strategy(), batches, set(), mode)
 
 
+def test_auto_projection_runs_on_jvp_and_matches_exact() -> None:
+    """The shared-input layout's cheap default: ``auto(variant="projection")`` needs no norms,
+    so ``mode="auto"`` picks ``jvp`` (the cosine gate needs ``batched``), with exact's α."""
+    model = Model("mlp", 3, seed=8, aux_only=True)
+    projection = strategies.get("auto", {"variant": "projection"})
+    chosen = {
+        name: Engine(
+            copy.deepcopy(model),
+            strategy=s,
+            num_sources=3,
+            shared=model.shared(),
+            layout="shared-input",
+        ).mode.name
+        for name, s in (("projection", projection), ("cosine", strategies.get("auto")))
+    }
+    assert chosen == {"projection": "jvp", "cosine": "batched"}
+    batches = make_batches("mlp", "shared-input", 3, [[0, 1, 2, 0]] * 4, seed=8)
+    compare(model, "shared-input", projection, batches, set(), "jvp")
+
+
 def test_target_ema_norm_by_hand() -> None:
     """‖ĝ‖² after each step, with ĝ ← ĝ + ρ(g_0 − ĝ) from the exact target gradients."""
     model = Model("mlp", 3, seed=7, aux_only=False)

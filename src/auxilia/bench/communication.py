@@ -29,7 +29,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from auxilia.bench.speed import BATCH, LR, build_strategy, make_problem
+from auxilia import strategies
+from auxilia.bench.speed import BATCH, LR, make_problem
 from auxilia.engine import Engine
 from auxilia.engine.distributed import GRADIENT, STATISTICS
 from auxilia.train.distributed import Place, share
@@ -48,7 +49,7 @@ def engine_steps(
     problem = make_problem("mlp", "partitioned", k, seed)
     model = copy.deepcopy(problem.model)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    engine = Engine(model, strategy=build_strategy(spec), num_sources=k + 1, distributed=True)
+    engine = Engine(model, strategy=strategies.from_spec(spec), num_sources=k + 1, distributed=True)
     rows = _rows(place)
     x, y, ids = problem.inputs[rows], problem.targets[rows], problem.ids[rows]
 

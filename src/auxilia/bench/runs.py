@@ -114,7 +114,7 @@ def _execute(spec: RunSpec, cache: str) -> dict[str, Any]:
         )
         sampler_name = scenario.ground_truth_sampler
     else:
-        strategy = strategies.get(spec.strategy)
+        strategy = strategies.from_spec(spec.strategy)
         sampler_name = spec.sampler
     sampler = (
         samplers.get("all")

@@ -116,7 +116,7 @@ class SpeedSettings:
         if self.repeats < 1 or self.warmup < 0 or self.threads < 1:
             raise ConfigError("repeats and threads must be >= 1 and warmup >= 0")
         for spec in self.strategies:
-            build_strategy(spec)  # fails early on an unknown name or variant
+            strategies.from_spec(spec)  # fails early on an unknown name or variant
 
 
 @dataclass
@@ -137,15 +137,6 @@ class SpeedRecord:
     peak_memory_mb: float | None
     steps: int
     notes: list[str] = field(default_factory=list)
-
-
-def build_strategy(spec: str) -> strategies.Strategy:
-    """``NAME`` or ``NAME:VARIANT`` (``gcs:unweighted``, ``arml:sgd``) to a strategy."""
-    name, _, variant = spec.partition(":")
-    if name not in strategies.REGISTRY:
-        known = ", ".join(strategies.names())
-        raise ConfigError(f"unknown strategy '{name}'; expected one of: {known}")
-    return strategies.get(name, {"variant": variant} if variant else None)
 
 
 # A preset small enough for a smoke test: a few seconds.
@@ -302,7 +293,7 @@ def strategy_case(problem: Problem, spec: str, mode: str) -> Case:
     model, optimizer = _copy(problem)
     engine = Engine(
         model,
-        strategy=build_strategy(spec),
+        strategy=strategies.from_spec(spec),
         num_sources=problem.num_sources,
         shared=problem.shared(model),
         mode=mode,

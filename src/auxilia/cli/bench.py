@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from auxilia.errors import ConfigError
+from auxilia.errors import AuxiliaError, ConfigError
 
 if TYPE_CHECKING:
     from auxilia.bench.workers import Progress
@@ -357,11 +357,10 @@ def quality(
     chosen, suite_label = _scenarios(suite, scenario_names)
     picked = _split_values(strategy_names)
     for name in picked:
-        if name not in strategies.names():
-            raise ConfigError(
-                f"--strategy: unknown strategy {name!r}; expected one of: "
-                f"{', '.join(strategies.names())}"
-            )
+        try:
+            strategies.from_spec(name)  # NAME or NAME:VARIANT
+        except AuxiliaError as error:
+            raise ConfigError(f"--strategy: {error}") from None
     picked_samplers = _split_values(sampler_names)
     for name in picked_samplers:
         if name not in samplers.names():

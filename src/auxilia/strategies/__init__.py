@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from auxilia.errors import ConfigError
 from auxilia.registry import build
 from auxilia.strategies.arml import arml
 from auxilia.strategies.auto import auto
@@ -59,6 +60,15 @@ def names() -> list[str]:
     return sorted(REGISTRY)
 
 
+def from_spec(spec: str) -> Strategy:
+    """``NAME`` or ``NAME:VARIANT`` (``gcs:unweighted``, ``auto:projection``), as the benchmark
+    commands take them: the strategy with its defaults, or with ``variant=VARIANT``."""
+    name, _, variant = spec.partition(":")
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown strategy '{name}'; expected one of: {', '.join(names())}")
+    return get(name, {"variant": variant} if variant else None)
+
+
 def get(name: str, params: Mapping[str, Any] | None = None) -> Strategy:
     """Build the strategy called ``name`` with keyword ``params``; errors name the bad key."""
     return build("strategy", name, REGISTRY, params)
@@ -77,6 +87,7 @@ __all__ = [
     "dwa",
     "equal",
     "fixed",
+    "from_spec",
     "gcs",
     "get",
     "gradnorm",

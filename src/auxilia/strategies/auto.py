@@ -33,6 +33,15 @@ scenario:
   target row, the norms and ‖ĝ‖ (the engine keeps ĝ, one parameter-sized buffer, but takes no
   inner products with it: ``Need.TARGET_EMA_NORM``), no Gram matrix.
 
+``variant="projection"`` reads each step's evidence as <g_k, g_0> / ‖g_0‖, the component of
+g_k along the target's direction, instead of the cosine: the same test (is the mean
+significantly positive?), still scale-free per source, and without the norms ‖g_k‖. It exists
+for the shared-input layout (K task heads on one batch), where the norms need each task's own
+backward pass (the ``batched`` mode, K + 1 passes) while the target row and ‖ĝ‖ come from the
+``jvp`` mode at a cost flat in K. It weights steps by ‖g_k‖ where the cosine does not, which
+measured slightly worse on the quality benchmark (BENCHMARKS.md), so ``cosine`` stays the
+default.
+
 The running mean and variance are exponential moving averages with rate ρ·w (``rate`` ρ =
 0.1, an effective memory of about 19 fully weighted draws of a source, so the gate follows a
 source whose usefulness changes during training), normalised by the weight they have gathered
@@ -45,6 +54,7 @@ weighted evidence yet gets 0. ĝ and n̄ use the same rate ρ.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 
@@ -53,6 +63,7 @@ from auxilia.statistics import Need, Statistics
 from auxilia.strategies.base import State, Strategy
 
 F64 = torch.float64
+Variant = Literal["cosine", "projection"]
 
 
 def signal_weight(ema_norm: float, mean_norm: float, rate: float) -> float:
@@ -69,11 +80,14 @@ def signal_weight(ema_norm: float, mean_norm: float, rate: float) -> float:
     return min(1.0, max(0.0, (ratio - noise) / (1.0 - noise)))
 
 
-def auto(rate: float = 0.1) -> Strategy:
+def auto(rate: float = 0.1, variant: Variant = "cosine") -> Strategy:
     """α_0 = 1, α_k = clip(mean cos(g_k, g_0) / its standard error, 0, 1), evidence weighted by
-    the signal fraction of the target's gradient (see the module)."""
+    the signal fraction of the target's gradient; ``projection``: <g_k, g_0> / ‖g_0‖ in place
+    of the cosine, no norms needed (see the module)."""
     if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 < rate <= 1.0:
         raise StrategyError(f"auto: rate must be a number in (0, 1], got {rate!r}")
+    if variant not in ("cosine", "projection"):
+        raise StrategyError(f"auto: variant must be 'cosine' or 'projection', got {variant!r}")
 
     def init(num_sources: int) -> State:
         zeros = torch.zeros(num_sources, dtype=F64)
@@ -86,14 +100,19 @@ def auto(rate: float = 0.1) -> Strategy:
         }
 
     def update(stats: Statistics, state: State) -> tuple[torch.Tensor, State]:
-        cos = stats.cosines().to(F64)
-        norms = stats.require(Need.NORMS).to(F64)
+        if variant == "cosine":
+            cos = stats.cosines().to(F64)  # the step's evidence per source
+            target_norm = float(stats.require(Need.NORMS)[0])
+        else:
+            row = stats.require(Need.TARGET_ROW).to(F64)
+            target_norm = math.sqrt(max(float(row[0]), 0.0))  # <g_0, g_0>
+            cos = row / target_norm if target_norm > 0.0 else torch.zeros_like(row)
         sqnorm = stats.ema_sqnorm
         if sqnorm is None:
             raise ValueError("statistic 'ema_sqnorm' was not computed")
         level, seen = state["target_norm"].tolist()
         if bool(stats.present[0]):
-            level, seen = (1.0 - rate) * level + rate * float(norms[0]), seen + 1.0
+            level, seen = (1.0 - rate) * level + rate * target_norm, seen + 1.0
         mean_norm = level / (1.0 - (1.0 - rate) ** seen) if seen else 0.0
         step_rate = rate * signal_weight(math.sqrt(float(sqnorm)), mean_norm, rate)
         drawn = stats.present.clone()
@@ -127,5 +146,8 @@ def auto(rate: float = 0.1) -> Strategy:
         }
         return alpha, new_state
 
-    needs = frozenset({Need.TARGET_ROW, Need.NORMS, Need.TARGET_EMA_NORM})
-    return Strategy("auto", needs, init, update, {"rate": rate}, target_ema=rate)
+    needs = {Need.TARGET_ROW, Need.TARGET_EMA_NORM} | (
+        {Need.NORMS} if variant == "cosine" else set()
+    )
+    params = {"rate": rate, "variant": variant}
+    return Strategy("auto", frozenset(needs), init, update, params, target_ema=rate)
