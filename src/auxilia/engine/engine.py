@@ -235,18 +235,15 @@ class Engine:
         """
         if not hasattr(measurement, "source_gradient"):
             raise EngineError(f"engine mode '{self.mode.name}' cannot keep a target-gradient EMA")
-        gradients = measurement.source_gradient(0)
-        shared = self._shared_params()
-        if measurement.shared is shared or [id(p) for p in measurement.shared] == [
-            id(p) for p in shared
-        ]:
-            target = [g.detach() if g.requires_grad else g for g in gradients]
-        else:
-            measured = dict(zip(map(id, measurement.shared), gradients, strict=True))
-            target = [
-                measured[id(p)].detach() if id(p) in measured else torch.zeros_like(p)
-                for p in shared
-            ]
+        measured = dict(
+            zip(map(id, measurement.shared), measurement.source_gradient(0), strict=True)
+        )
+        target: list[torch.Tensor] = []
+        for p in self._shared_params():
+            g = measured.get(id(p))
+            target.append(
+                torch.zeros_like(p) if g is None else g.detach() if g.requires_grad else g
+            )
         if self.ema is None:
             self.ema = [g.clone() for g in target]
         else:

@@ -92,8 +92,8 @@ def auto(rate: float = 0.1, variant: Variant = "cosine") -> Strategy:
     def init(num_sources: int) -> State:
         zeros = torch.zeros(num_sources, dtype=F64)
         return {
-            "mean": zeros,  # EMA of w·cos (un-normalised)
-            "square": zeros.clone(),  # EMA of w·cos²
+            "mean": zeros,  # EMA of w·x, x the step's evidence (un-normalised)
+            "square": zeros.clone(),  # EMA of w·x²
             "weight": zeros.clone(),  # the weight the EMAs have gathered
             "weight_sq": zeros.clone(),  # the discounted sum of squared weights (Kish)
             "target_norm": torch.zeros(2, dtype=F64),  # EMA of ‖g_0‖, target steps seen
@@ -101,12 +101,12 @@ def auto(rate: float = 0.1, variant: Variant = "cosine") -> Strategy:
 
     def update(stats: Statistics, state: State) -> tuple[torch.Tensor, State]:
         if variant == "cosine":
-            cos = stats.cosines().to(F64)  # the step's evidence per source
+            evidence = stats.cosines().to(F64)  # per source
             target_norm = float(stats.require(Need.NORMS)[0])
         else:
             row = stats.require(Need.TARGET_ROW).to(F64)
             target_norm = math.sqrt(max(float(row[0]), 0.0))  # <g_0, g_0>
-            cos = row / target_norm if target_norm > 0.0 else torch.zeros_like(row)
+            evidence = row / target_norm if target_norm > 0.0 else torch.zeros_like(row)
         sqnorm = stats.ema_sqnorm
         if sqnorm is None:
             raise ValueError("statistic 'ema_sqnorm' was not computed")
@@ -121,9 +121,9 @@ def auto(rate: float = 0.1, variant: Variant = "cosine") -> Strategy:
         # squared-weight sum by (1 − r)² x + r². Few, fused operations: the update runs every
         # step, on vectors of K+1 entries, where each operation's fixed cost is what counts.
         moved = drawn.to(F64).mul_(step_rate)
-        mean = torch.lerp(state["mean"], cos, moved)
-        square = torch.lerp(state["square"], cos * cos, moved)
-        weight = torch.lerp(state["weight"], torch.ones_like(cos), moved)
+        mean = torch.lerp(state["mean"], evidence, moved)
+        square = torch.lerp(state["square"], evidence * evidence, moved)
+        weight = torch.lerp(state["weight"], torch.ones_like(evidence), moved)
         keep = 1.0 - step_rate
         weight_sq = torch.where(
             drawn, state["weight_sq"] * (keep * keep) + step_rate * step_rate, state["weight_sq"]
