@@ -132,21 +132,27 @@ TRAINER_CASES = [
     ("olaux", "jvp", "all"),
     ("arml", "batched", "all"),
     ("auxinash", "exact", "all"),
+    ("auto", "tasks", "all"),  # the task source alone: the shared-input layout
 ]
 
 
 def case_config(folder: Path, strategy: str, mode: str, sampler: str, **train: Any) -> Path:
-    """The tiny problem (without its task source for ``ghost``) under ``strategy``."""
+    """The tiny problem (without its task source for ``ghost``; with it alone for ``tasks``,
+    under ``engine_mode: auto``) under ``strategy``."""
     changes: dict[str, Any] = {
         "strategy": {"name": strategy},
-        "train": {"engine_mode": mode, "steps": 10, "log_every": 1, "checkpoint_every": 5, **train},
-    }
+        "train": {
+            "engine_mode": "auto" if mode == "tasks" else mode,
+            "steps": 10, "log_every": 1, "checkpoint_every": 5, **train,
+        },
+    }  # fmt: skip
     if sampler != "all":
         changes["sampler"] = {"name": sampler, "params": {"per_step": 1}}
     path = write_tiny_problem(folder, changes, name=f"{strategy}-{mode}-{sampler}.yaml")
-    if mode == "ghost":
+    if mode in ("ghost", "tasks"):
         config = yaml.safe_load(path.read_text(encoding="utf-8"))
-        config["sources"] = [s for s in config["sources"] if s["granularity"] == "dataset"]
+        kept = "dataset" if mode == "ghost" else "task"
+        config["sources"] = [s for s in config["sources"] if s["granularity"] == kept]
         path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path
 

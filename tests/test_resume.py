@@ -28,6 +28,7 @@ STEPS = 20
 HALF = 10  # a multiple of log_every (5) and checkpoint_every (10): the logs line up exactly
 
 DATASETS = [s for s in base_config()["sources"] if s["granularity"] == "dataset"]
+TASKS = [s for s in base_config()["sources"] if s["granularity"] == "task"]
 
 CASES = {
     "gcs-all": {"strategy": {"name": "gcs"}, "sampler": {"name": "all"}},
@@ -57,6 +58,12 @@ CASES = {
     "auxinash-ghost": {
         "sources": DATASETS,
         "strategy": {"name": "auxinash", "params": {"update_every": 3}},
+    },
+    # task sources only, every one drawn: the shared-input layout (batched, jvp)
+    "auto-tasks": {"sources": TASKS, "strategy": {"name": "auto"}},
+    "projection-tasks": {
+        "sources": TASKS,
+        "strategy": {"name": "auto", "params": {"variant": "projection"}},
     },
 }
 
@@ -188,6 +195,42 @@ def test_ghost_cases_run_the_ghost_mode(case: str, tmp_path: Path) -> None:
     config = write_tiny_problem(tmp_path, CASES[case])
     trainer = build_trainer(load_config(config), config.parent, None, quiet=True)
     assert trainer.engine.mode.name == "ghost"
+
+
+@pytest.mark.parametrize(("case", "mode"), [("auto-tasks", "batched"), ("projection-tasks", "jvp")])
+def test_task_sources_alone_run_the_shared_input_layout(
+    case: str, mode: str, tmp_path: Path
+) -> None:
+    config = write_tiny_problem(tmp_path, CASES[case])
+    trainer = build_trainer(load_config(config), config.parent, None, quiet=True)
+    assert trainer.engine.layout == "shared-input"
+    assert trainer.engine.mode.name == mode
+
+
+@pytest.mark.parametrize("strategy", ["auto", "olaux"])
+def test_task_sources_train_the_same_in_either_layout(strategy: str, tmp_path: Path) -> None:
+    """The shared-input table of task losses and the per-row partitioned split (a sampler that
+    draws the one task every step, but is not ``all``) measure and train the same."""
+    runs = {}
+    for sampler in ("all", "uniform"):
+        changes = {
+            "sources": TASKS,
+            "strategy": {"name": strategy},
+            "sampler": {"name": sampler, "params": {"per_step": 1} if sampler == "uniform" else {}},
+        }
+        config = write_tiny_problem(tmp_path / sampler, changes)
+        trainer = build_trainer(
+            load_config(config), config.parent, tmp_path / f"out-{sampler}", quiet=True
+        )
+        assert trainer.engine.layout == ("shared-input" if sampler == "all" else "partitioned")
+        runs[sampler] = (trainer.fit(), trainer.model.state_dict())
+    (shared_results, shared_model), (split_results, split_model) = runs["all"], runs["uniform"]
+    for name, tensor in split_model.items():
+        torch.testing.assert_close(shared_model[name], tensor, rtol=1e-4, atol=1e-6)
+    assert shared_results["target"]["value"] == pytest.approx(split_results["target"]["value"])
+    for a, b in zip(shared_results["sources"], split_results["sources"], strict=True):
+        assert a["name"] == b["name"]
+        assert a["credit"] == pytest.approx(b["credit"], rel=1e-4, abs=1e-9)
 
 
 def test_per_sample_modes_refuse_task_sources(tmp_path: Path) -> None:

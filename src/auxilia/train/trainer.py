@@ -153,19 +153,29 @@ class Trainer:
         if self.target_head_shared:
             shared += list(self.model.heads[target.name].parameters())
         # Per-sample modes (ghost) need every row to carry one loss; task sources label the
-        # target's own rows, so with them the engine gets parameters and ``auto`` picks exact.
+        # target's own rows, so with them the engine gets parameters. When every source is a
+        # task and every step draws them all, a step's losses are one [B, K+1] table: the
+        # shared-input layout, whose modes (jvp, batched) cost less than exact's K+1 passes.
         per_row = all(s.granularity == "dataset" for s in self.sources)
         if not per_row and self.settings.engine_mode in ("ghost", "sketch"):
             raise ConfigError(
                 f"train.engine_mode: '{self.settings.engine_mode}' needs one loss per row, but "
-                "task sources label the target's own rows; use 'auto', 'exact' or 'batched'"
+                "task sources label the target's own rows; use 'auto', 'exact', 'batched' or "
+                "'jvp'"
             )
+        self.shared_input = (
+            bool(self.sources)
+            and all(s.granularity == "task" for s in self.sources)
+            and self.sampler.name == "all"
+            and Need.VALIDATION not in Need.closure(set(strategy.needs) | self.sampler.needs)
+        )
         self.engine = Engine(
             self.model if per_row else self.model.parameters(),
             strategy=strategy,
             num_sources=len(self.names),
             shared=shared,
             mode=self.settings.engine_mode,
+            layout="shared-input" if self.shared_input else "partitioned",
             extra_needs={Need.LOSSES, Need.TARGET_ROW} | self.sampler.needs,
             names=self.names,
             distributed=self.place.distributed,
@@ -238,8 +248,10 @@ class Trainer:
 
     def _losses(
         self, batch: Batch, step: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Per-sample losses and source ids of the batch, and of a held-out target batch."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Per-sample losses and source ids of the batch, and of a held-out target batch; in
+        the shared-input layout, the [B, K+1] table of every task's loss on the target's rows
+        and no ids."""
         x = batch.x.to(self.device)
         held: Pair | None = None
         if self.holdout is not None and self.holdout_stream is not None:
@@ -277,6 +289,8 @@ class Trainer:
                 else self.model.heads[self.target.name](features[n:])
             )
             validation = per_sample_loss(self.target.kind, outputs, held[1].to(self.device))
+        if self.shared_input:  # every segment is on the target's rows, in source order
+            return torch.stack(losses, dim=1), None, None
         return torch.cat(losses), torch.cat(ids).to(self.device), validation
 
     def train_step(self, step: int) -> torch.Tensor:
