@@ -163,7 +163,7 @@ class Trainer:
                 "task sources label the target's own rows; use 'auto', 'exact', 'batched' or "
                 "'jvp'"
             )
-        self.shared_input = (
+        shared_input = (
             bool(self.sources)
             and all(s.granularity == "task" for s in self.sources)
             and self.sampler.name == "all"
@@ -175,7 +175,7 @@ class Trainer:
             num_sources=len(self.names),
             shared=shared,
             mode=self.settings.engine_mode,
-            layout="shared-input" if self.shared_input else "partitioned",
+            layout="shared-input" if shared_input else "partitioned",
             extra_needs={Need.LOSSES, Need.TARGET_ROW} | self.sampler.needs,
             names=self.names,
             distributed=self.place.distributed,
@@ -289,7 +289,7 @@ class Trainer:
                 else self.model.heads[self.target.name](features[n:])
             )
             validation = per_sample_loss(self.target.kind, outputs, held[1].to(self.device))
-        if self.shared_input:  # every segment is on the target's rows, in source order
+        if self.engine.layout == "shared-input":  # every segment on the target's rows, in order
             return torch.stack(losses, dim=1), None, None
         return torch.cat(losses), torch.cat(ids).to(self.device), validation
 
