@@ -86,6 +86,27 @@ def test_quick_run_writes_table_and_records(tmp_path: Path) -> None:
     assert shared["arml"] == "batched"
 
 
+def test_modes_side_by_side(tmp_path: Path) -> None:
+    """``--mode`` takes several modes: each strategy runs once per mode that can serve it; a
+    mode that cannot (jvp for the norms ``gcs`` reads) is left out with a line that says why."""
+    out = tmp_path / "speed.json"
+    result = _invoke(
+        "--models", "mlp", "--layouts", "partitioned", "--ks", "2", "--strategies", "olaux,gcs",
+        "--mode", "exact,jvp", "--repeats", "1", "--warmup", "0", "--no-baselines",
+        "--no-memory", "--json", str(out),
+    )  # fmt: skip
+    document = json.loads(out.read_text())
+    assert document["settings"]["modes"] == ["exact", "jvp"]
+    ran = {(r["method"], r["mode"]) for r in document["records"] if r["kind"] == "strategy"}
+    assert ran == {("olaux", "exact"), ("olaux", "jvp"), ("gcs", "exact")}
+    output = " ".join(result.output.split())  # rich wraps long lines
+    assert "mlp partitioned K=2: gcs skipped: engine mode 'jvp' cannot be used here" in output
+    assert "cannot compute norms" in output
+    # One mode that cannot serve a strategy is an error, as in the engine.
+    with pytest.raises(Exception, match="cannot compute norms"):
+        _invoke("--quick", "--strategies", "gcs", "--mode", "jvp", "--no-baselines")
+
+
 def test_without_torchjd_the_rows_are_skipped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -140,6 +161,8 @@ def test_breakdown_phases_partitioned() -> None:
         ({"layouts": ("mixed",)}, "unknown layout 'mixed'"),
         ({"ks": (0,)}, "every K must be >= 1"),
         ({"strategies": ("nope",)}, "unknown strategy 'nope'"),
+        ({"modes": ("fast",)}, "unknown engine mode 'fast'"),
+        ({"modes": ()}, "at least one engine mode"),
     ],
 )
 def test_settings_errors(changes: dict[str, Any], message: str) -> None:

@@ -623,6 +623,9 @@ def test_auto_prefers_jvp_then_batched_on_shared_input(strategy: Strategy, expec
     model = Model("mlp", 3, seed=0, aux_only=False)
     engine = Engine(model, strategy=strategy, num_sources=3, layout="shared-input")
     assert engine.mode.name == expected
+    # Partitioned, given parameters rather than the module (no ghost): the same choice.
+    engine = Engine(model.parameters(), strategy=strategy, num_sources=3)
+    assert engine.mode.name == expected
 
 
 def test_jvp_second_order_pass_runs_on_math_attention() -> None:

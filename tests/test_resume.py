@@ -239,4 +239,29 @@ def test_per_sample_modes_refuse_task_sources(tmp_path: Path) -> None:
         build_trainer(load_config(config), config.parent, None, quiet=True)
     config = write_tiny_problem(tmp_path, {}, name="auto.yaml")
     trainer = build_trainer(load_config(config), config.parent, None, quiet=True)
-    assert trainer.engine.mode.name == "exact"  # a task source: auto falls back to exact
+    assert trainer.engine.layout == "partitioned"
+    assert trainer.engine.mode.name == "batched"  # a task beside datasets: no ghost
+
+
+@pytest.mark.parametrize(("strategy", "mode"), [("auto", "batched"), ("olaux", "jvp")])
+def test_task_and_dataset_sources_train_as_exact_does(
+    strategy: str, mode: str, tmp_path: Path
+) -> None:
+    """A task source beside dataset sources puts several losses on the target's rows, so no
+    per-sample mode; ``auto`` picks the vectorised or directional mode over exact's K+1
+    passes, and trains the same."""
+    runs = {}
+    for engine_mode in ("auto", "exact"):
+        changes = {"strategy": {"name": strategy}, "train": {"engine_mode": engine_mode}}
+        config = write_tiny_problem(tmp_path / engine_mode, changes)
+        trainer = build_trainer(
+            load_config(config), config.parent, tmp_path / f"out-{engine_mode}", quiet=True
+        )
+        assert trainer.engine.mode.name == (mode if engine_mode == "auto" else "exact")
+        runs[engine_mode] = (trainer.fit(), trainer.model.state_dict())
+    (fast_results, fast_model), (exact_results, exact_model) = runs["auto"], runs["exact"]
+    for name, tensor in exact_model.items():
+        torch.testing.assert_close(fast_model[name], tensor, rtol=1e-4, atol=1e-6)
+    assert fast_results["target"]["value"] == pytest.approx(exact_results["target"]["value"])
+    for a, b in zip(fast_results["sources"], exact_results["sources"], strict=True):
+        assert a["credit"] == pytest.approx(b["credit"], rel=1e-4, abs=1e-9)

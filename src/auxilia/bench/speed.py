@@ -68,6 +68,7 @@ from auxilia.engine.exact import accumulate
 from auxilia.engine.ghost import GhostRunner
 from auxilia.engine.jvp import FALLBACK_ERRORS, JvpRunner, checked_row, first_order
 from auxilia.engine.mode import Layout, ModeContext
+from auxilia.engine.modes import MODES
 from auxilia.engine.source_losses import split_by_source, split_by_task
 from auxilia.errors import AuxiliaError, ConfigError, EngineError
 from auxilia.statistics import Need
@@ -98,7 +99,7 @@ class SpeedSettings:
     warmup: int = 6
     threads: int = 1
     baselines: bool = True
-    mode: str = "auto"
+    modes: tuple[str, ...] = ("auto",)  # every strategy runs once per mode that can serve it
     memory: bool = True
     seed: int = 0
 
@@ -117,6 +118,12 @@ class SpeedSettings:
             raise ConfigError("repeats and threads must be >= 1 and warmup >= 0")
         for spec in self.strategies:
             strategies.from_spec(spec)  # fails early on an unknown name or variant
+        if not self.modes:
+            raise ConfigError("give at least one engine mode")
+        for mode in self.modes:
+            if mode != "auto" and mode not in MODES:
+                known = ", ".join(["auto", *MODES])
+                raise ConfigError(f"unknown engine mode '{mode}'; expected one of: {known}")
 
 
 @dataclass
@@ -309,6 +316,23 @@ def strategy_case(problem: Problem, spec: str, mode: str) -> Case:
     return Case(spec, "strategy", step, mode=engine.mode.name, engine=engine)
 
 
+def strategy_cases(
+    problem: Problem, specs: Sequence[str], modes: Sequence[str]
+) -> tuple[list[Case], list[str]]:
+    """One case per strategy and mode, and why any was left out: with several modes, one that
+    cannot serve a strategy (``jvp`` for a strategy that reads the norms) is skipped."""
+    cases, skipped = [], []
+    for spec in specs:
+        for mode in modes:
+            try:
+                cases.append(strategy_case(problem, spec, mode))
+            except EngineError as error:
+                if len(modes) == 1:
+                    raise
+                skipped.append(f"{spec} skipped: {error}")
+    return cases, skipped
+
+
 def loop_case(problem: Problem) -> Case:
     """K+1 backward passes, one per present source, gradients summed: no statistics."""
     model, optimizer = _copy(problem)
@@ -482,8 +506,11 @@ def run_speed(
                 for k in settings.ks:
                     started = time.perf_counter()
                     problem = make_problem(model_name, layout, k, settings.seed)
-                    cases = [plain_case(problem)]
-                    cases += [strategy_case(problem, s, settings.mode) for s in settings.strategies]
+                    where = f"{model_name} {layout} K={k}"
+                    engine_cases, skipped = strategy_cases(
+                        problem, settings.strategies, settings.modes
+                    )
+                    cases = [plain_case(problem), *engine_cases]
                     if settings.baselines:
                         cases.append(loop_case(problem))
                         if with_torchjd:
@@ -491,13 +518,13 @@ def run_speed(
                     try:
                         _run_group(cases, settings)
                     except AuxiliaError as error:
-                        where = f"{model_name} {layout} K={k}"
                         raise EngineError(f"bench speed, {where}: {error}") from error
                     records += _records(model_name, layout, k, cases, settings)
                     if progress is not None:
+                        for line in skipped:
+                            progress(f"{where}: {line}")
                         progress(
-                            f"{model_name} {layout} K={k}: {len(cases)} cases in "
-                            f"{time.perf_counter() - started:.1f} s"
+                            f"{where}: {len(cases)} cases in {time.perf_counter() - started:.1f} s"
                         )
     finally:
         torch.set_num_threads(previous)

@@ -153,7 +153,14 @@ def speed(
     threads: Annotated[
         int, typer.Option("--threads", min=1, help="torch CPU threads (pinned for the run).")
     ] = 1,
-    mode: Annotated[str, typer.Option("--mode", help="Engine mode of the strategies.")] = "auto",
+    mode: Annotated[
+        str,
+        typer.Option(
+            "--mode",
+            help="Engine modes of the strategies, comma-separated: each strategy runs once per "
+            "mode that can serve it (auto, exact, ghost, jvp, batched, sketch).",
+        ),
+    ] = "auto",
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write one record per case to this file.")
     ] = None,
@@ -199,7 +206,7 @@ def speed(
     from auxilia.bench.speed import breakdown as phase_breakdown
 
     base = QUICK if quick else SpeedSettings()
-    changes: dict[str, object] = {"threads": threads, "mode": mode}
+    changes: dict[str, object] = {"threads": threads, "modes": tuple(_split_values([mode]))}
     if models:
         changes["models"] = tuple(_split_values(models))
     if layouts:
@@ -226,7 +233,7 @@ def speed(
     console.print(
         f"machine: {info['cpu']}, {info['cores']} cores | torch {info['torch']} | "
         f"torch threads pinned to {settings.threads} | {settings.repeats} timed steps per case "
-        f"after {settings.warmup} warm-up | engine mode {settings.mode}"
+        f"after {settings.warmup} warm-up | engine mode {', '.join(settings.modes)}"
     )
     if settings.baselines and not torchjd_available():
         console.print(

@@ -153,9 +153,9 @@ class Trainer:
         if self.target_head_shared:
             shared += list(self.model.heads[target.name].parameters())
         # Per-sample modes (ghost) need every row to carry one loss; task sources label the
-        # target's own rows, so with them the engine gets parameters. When every source is a
-        # task and every step draws them all, a step's losses are one [B, K+1] table: the
-        # shared-input layout, whose modes (jvp, batched) cost less than exact's K+1 passes.
+        # target's own rows, so with them the engine gets parameters (and ``auto`` picks jvp or
+        # batched). When every source is a task and every step draws them all, a step's losses
+        # are one [B, K+1] table: the shared-input layout.
         per_row = all(s.granularity == "dataset" for s in self.sources)
         if not per_row and self.settings.engine_mode in ("ghost", "sketch"):
             raise ConfigError(
