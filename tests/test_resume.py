@@ -207,30 +207,48 @@ def test_task_sources_alone_run_the_shared_input_layout(
     assert trainer.engine.mode.name == mode
 
 
+def fit_variants(tmp_path: Path, variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Train the tiny problem once per variant (config changes): each trainer with its fit."""
+    runs = {}
+    for label, changes in variants.items():
+        config = write_tiny_problem(tmp_path / label, changes)
+        trainer = build_trainer(
+            load_config(config), config.parent, tmp_path / f"out-{label}", quiet=True
+        )
+        runs[label] = (trainer, trainer.fit())
+    return runs
+
+
+def assert_same_training(first: Any, second: Any) -> None:
+    """Two (trainer, results) pairs trained the same: parameters, target metric, credit."""
+    (trainer_a, results_a), (trainer_b, results_b) = first, second
+    model_a = trainer_a.model.state_dict()
+    for name, tensor in trainer_b.model.state_dict().items():
+        torch.testing.assert_close(model_a[name], tensor, rtol=1e-4, atol=1e-6)
+    assert results_a["target"]["value"] == pytest.approx(results_b["target"]["value"])
+    for a, b in zip(results_a["sources"], results_b["sources"], strict=True):
+        assert a["name"] == b["name"]
+        assert a["credit"] == pytest.approx(b["credit"], rel=1e-4, abs=1e-9)
+
+
 @pytest.mark.parametrize("strategy", ["auto", "olaux"])
 def test_task_sources_train_the_same_in_either_layout(strategy: str, tmp_path: Path) -> None:
     """The shared-input table of task losses and the per-row partitioned split (a sampler that
     draws the one task every step, but is not ``all``) measure and train the same."""
-    runs = {}
-    for sampler in ("all", "uniform"):
-        changes = {
-            "sources": TASKS,
-            "strategy": {"name": strategy},
-            "sampler": {"name": sampler, "params": {"per_step": 1} if sampler == "uniform" else {}},
-        }
-        config = write_tiny_problem(tmp_path / sampler, changes)
-        trainer = build_trainer(
-            load_config(config), config.parent, tmp_path / f"out-{sampler}", quiet=True
-        )
-        assert trainer.engine.layout == ("shared-input" if sampler == "all" else "partitioned")
-        runs[sampler] = (trainer.fit(), trainer.model.state_dict())
-    (shared_results, shared_model), (split_results, split_model) = runs["all"], runs["uniform"]
-    for name, tensor in split_model.items():
-        torch.testing.assert_close(shared_model[name], tensor, rtol=1e-4, atol=1e-6)
-    assert shared_results["target"]["value"] == pytest.approx(split_results["target"]["value"])
-    for a, b in zip(shared_results["sources"], split_results["sources"], strict=True):
-        assert a["name"] == b["name"]
-        assert a["credit"] == pytest.approx(b["credit"], rel=1e-4, abs=1e-9)
+    runs = fit_variants(
+        tmp_path,
+        {
+            sampler: {
+                "sources": TASKS,
+                "strategy": {"name": strategy},
+                "sampler": {"name": sampler, "params": {"per_step": 1} if sampler != "all" else {}},
+            }
+            for sampler in ("all", "uniform")
+        },
+    )
+    assert runs["all"][0].engine.layout == "shared-input"
+    assert runs["uniform"][0].engine.layout == "partitioned"
+    assert_same_training(runs["all"], runs["uniform"])
 
 
 def test_per_sample_modes_refuse_task_sources(tmp_path: Path) -> None:
@@ -250,18 +268,13 @@ def test_task_and_dataset_sources_train_as_exact_does(
     """A task source beside dataset sources puts several losses on the target's rows, so no
     per-sample mode; ``auto`` picks the vectorised or directional mode over exact's K+1
     passes, and trains the same."""
-    runs = {}
-    for engine_mode in ("auto", "exact"):
-        changes = {"strategy": {"name": strategy}, "train": {"engine_mode": engine_mode}}
-        config = write_tiny_problem(tmp_path / engine_mode, changes)
-        trainer = build_trainer(
-            load_config(config), config.parent, tmp_path / f"out-{engine_mode}", quiet=True
-        )
-        assert trainer.engine.mode.name == (mode if engine_mode == "auto" else "exact")
-        runs[engine_mode] = (trainer.fit(), trainer.model.state_dict())
-    (fast_results, fast_model), (exact_results, exact_model) = runs["auto"], runs["exact"]
-    for name, tensor in exact_model.items():
-        torch.testing.assert_close(fast_model[name], tensor, rtol=1e-4, atol=1e-6)
-    assert fast_results["target"]["value"] == pytest.approx(exact_results["target"]["value"])
-    for a, b in zip(fast_results["sources"], exact_results["sources"], strict=True):
-        assert a["credit"] == pytest.approx(b["credit"], rel=1e-4, abs=1e-9)
+    runs = fit_variants(
+        tmp_path,
+        {
+            engine_mode: {"strategy": {"name": strategy}, "train": {"engine_mode": engine_mode}}
+            for engine_mode in ("auto", "exact")
+        },
+    )
+    assert runs["auto"][0].engine.mode.name == mode
+    assert runs["exact"][0].engine.mode.name == "exact"
+    assert_same_training(runs["auto"], runs["exact"])
