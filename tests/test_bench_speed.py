@@ -100,7 +100,7 @@ def test_modes_side_by_side(tmp_path: Path) -> None:
     ran = {(r["method"], r["mode"]) for r in document["records"] if r["kind"] == "strategy"}
     assert ran == {("olaux", "exact"), ("olaux", "jvp"), ("gcs", "exact")}
     output = " ".join(result.output.split())  # rich wraps long lines
-    assert "mlp partitioned K=2: gcs skipped: engine mode 'jvp' cannot be used here" in output
+    assert "mlp partitioned K=2: gcs [jvp] skipped: engine mode 'jvp' cannot be used" in output
     assert "cannot compute norms" in output
     # One mode that cannot serve a strategy is an error, as in the engine.
     with pytest.raises(Exception, match="cannot compute norms"):

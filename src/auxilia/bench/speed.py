@@ -329,7 +329,7 @@ def strategy_cases(
             except EngineError as error:
                 if len(modes) == 1:
                     raise
-                skipped.append(f"{spec} skipped: {error}")
+                skipped.append(f"{spec} [{mode}] skipped: {error}")
     return cases, skipped
 
 

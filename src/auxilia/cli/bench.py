@@ -239,7 +239,11 @@ def speed(
         console.print(
             "torchjd is not installed (pip install 'auxilia[bench]'): the TorchJD rows are skipped"
         )
-    records = run_speed(settings, progress=console.print)
+
+    def say(line: str) -> None:  # plain text: a "[jvp]" in a line is not a style tag
+        console.print(line, markup=False, highlight=False)
+
+    records = run_speed(settings, progress=say)
     table = Table(title="One training step against the plain summed-loss step")
     for column in ("model", "layout", "K", "method", "mode"):
         table.add_column(column)
@@ -260,7 +264,7 @@ def speed(
     console.print(table)
     for r in records:
         for note in r.notes:
-            console.print(f"note: {r.model} {r.layout} K={r.k} {r.method}: {note}")
+            say(f"note: {r.model} {r.layout} K={r.k} {r.method}: {note}")
     document = records_json(records, settings, info)
     if breakdown:
         notes: list[str] = []
@@ -291,7 +295,7 @@ def speed(
             key = "breakdown" if layout == "shared-input" else f"breakdown_{layout}"
             document[key] = phases
         for line in notes:
-            console.print(f"note: {line}")
+            say(f"note: {line}")
         document["breakdown_notes"] = notes
     if json_out is not None:
         write_json(json_out, document)
