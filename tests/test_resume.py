@@ -251,23 +251,38 @@ def test_task_sources_train_the_same_in_either_layout(strategy: str, tmp_path: P
     assert_same_training(runs["all"], runs["uniform"])
 
 
-def test_per_sample_modes_refuse_task_sources(tmp_path: Path) -> None:
-    config = write_tiny_problem(tmp_path, {"train": {"engine_mode": "ghost"}})
-    with pytest.raises(ConfigError, match=r"train\.engine_mode: 'ghost' needs one loss per row"):
+def test_task_sources_beside_datasets_copy_the_target_rows(tmp_path: Path) -> None:
+    """With a task beside datasets, a per-sample mode gets one row per loss (the target's rows
+    copied for the task), unless rows interact in the model: then the error names why."""
+    for strategy, mode in (("gcs", "auto"), ("olaux", "ghost")):
+        config = write_tiny_problem(
+            tmp_path,
+            {"strategy": {"name": strategy}, "train": {"engine_mode": mode}},
+            name=f"{strategy}-{mode}.yaml",
+        )
+        trainer = build_trainer(load_config(config), config.parent, None, quiet=True)
+        assert trainer.copies_rows
+        assert (trainer.engine.layout, trainer.engine.mode.name) == ("partitioned", "ghost")
+        trainer.train_step(0)
+    dropout = {"model": {"params": {"hidden": [16], "dropout": 0.1}}}
+    config = write_tiny_problem(tmp_path, {**dropout, "train": {"engine_mode": "ghost"}})
+    with pytest.raises(ConfigError, match=r"'ghost' needs one loss per row.*Dropout, p=0.1"):
         build_trainer(load_config(config), config.parent, None, quiet=True)
-    config = write_tiny_problem(tmp_path, {}, name="auto.yaml")
+    config = write_tiny_problem(tmp_path, dropout, name="dropout.yaml")
     trainer = build_trainer(load_config(config), config.parent, None, quiet=True)
-    assert trainer.engine.layout == "partitioned"
-    assert trainer.engine.mode.name == "batched"  # a task beside datasets: no ghost
+    assert not trainer.copies_rows
+    assert trainer.engine.mode.name == "batched"  # shared features: no per-sample mode
 
 
-@pytest.mark.parametrize(("strategy", "mode"), [("auto", "batched"), ("olaux", "jvp")])
+@pytest.mark.parametrize(
+    ("strategy", "mode"), [("auto", "ghost"), ("arml", "ghost"), ("olaux", "jvp")]
+)
 def test_task_and_dataset_sources_train_as_exact_does(
     strategy: str, mode: str, tmp_path: Path
 ) -> None:
-    """A task source beside dataset sources puts several losses on the target's rows, so no
-    per-sample mode; ``auto`` picks the vectorised or directional mode over exact's K+1
-    passes, and trains the same."""
+    """A task source beside dataset sources puts several losses on the target's rows; ``auto``
+    picks ``jvp`` for a strategy that reads only the target row, and ``ghost`` on copies of
+    the target's rows for one that reads more, over exact's K+1 passes, and trains the same."""
     runs = fit_variants(
         tmp_path,
         {

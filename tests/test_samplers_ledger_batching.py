@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from auxilia import samplers
-from auxilia.data.batching import BatchPlanner, IndexStream
+from auxilia.data.batching import BatchPlanner, IndexStream, one_row_per_loss
 from auxilia.data.sources import Source, Target
 from auxilia.errors import StrategyError
 from auxilia.ledger import Ledger
@@ -414,3 +414,25 @@ def test_batch_planner_state_round_trip() -> None:
         ]
         for a, b in zip(got.segments, batch.segments, strict=True):
             assert torch.equal(a.labels, b.labels)
+
+
+def test_one_row_per_loss_copies_the_target_rows_for_each_task() -> None:
+    target, sources = _problem()
+    second_task = Source("odd3", granularity="task", labels=torch.arange(20) % 3)
+    planner = BatchPlanner(target, [*sources, second_task], seed=4)
+    batch = planner.next(torch.tensor([True] * 5))
+    laid_out = one_row_per_loss(batch)
+    # Row i carries loss i: segments tile the rows in their order, each with its own inputs.
+    assert [s.source for s in laid_out.segments] == [s.source for s in batch.segments]
+    start = 0
+    for old, new in zip(batch.segments, laid_out.segments, strict=True):
+        size = old.rows.stop - old.rows.start
+        assert new.rows == slice(start, start + size)
+        assert torch.equal(laid_out.x[new.rows], batch.x[old.rows])
+        assert torch.equal(new.labels, old.labels)
+        assert new.head == old.head
+        start += size
+    assert laid_out.x.shape[0] == start == 5 * 3 + 3 + 4
+    # Without a task the batch is one row per loss already and comes back as it is.
+    no_task = planner.next(torch.tensor([True, False, True, True, False]))
+    assert one_row_per_loss(no_task) is no_task

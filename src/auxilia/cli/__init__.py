@@ -143,7 +143,7 @@ def demo(
     ] = 500,
     seed: Annotated[int, typer.Option("--seed", help="Seed of data split and training.")] = 0,
 ) -> None:
-    """Few-shot MNIST with helpful and harmful auxiliaries: target-only, equal, gcs, olaux."""
+    """Few-shot MNIST with helpful and harmful auxiliaries: target-only, equal, gcs, olaux, auto."""
     from auxilia.cli.demo import run_demo
 
     run_demo(out, steps=steps, seed=seed)

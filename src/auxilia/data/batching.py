@@ -67,6 +67,23 @@ class Batch:
     segments: list[Segment]
 
 
+def one_row_per_loss(batch: Batch) -> Batch:
+    """``batch`` laid out one row per loss, in the order of its segments: the target's rows
+    are copied for each task segment that labels them, so that row i carries loss i, what the
+    per-sample modes (``ghost``, ``sketch``) need. Where rows do not interact inside the model,
+    each copy's loss is the loss it replaces, and so is the gradient of their sum."""
+    spans = [(segment.rows.start, segment.rows.stop) for segment in batch.segments]
+    if len(set(spans)) == len(spans):
+        return batch
+    xs, segments, start = [], [], 0
+    for segment in batch.segments:
+        xs.append(batch.x[segment.rows])
+        stop = start + segment.rows.stop - segment.rows.start
+        segments.append(Segment(segment.source, segment.head, slice(start, stop), segment.labels))
+        start = stop
+    return Batch(torch.cat(xs), segments)
+
+
 class BatchPlanner:
     """Draws the rows of every step: the target's batch, task labels on the same rows, and a
     batch from each drawn dataset source."""

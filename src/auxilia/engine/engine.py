@@ -32,6 +32,12 @@ from auxilia.statistics import Need, Statistics
 from auxilia.strategies.base import State, Strategy
 
 
+def statistics_to_measure(needs: frozenset[Need]) -> frozenset[Need]:
+    """What the mode must compute for a strategy that needs ``needs`` (after
+    :meth:`Need.closure`): the held-out row is formed from the Gram matrix of the step."""
+    return needs | ({Need.GRAM} if Need.VALIDATION in needs else set())
+
+
 class Engine:
     """Fill ``.grad`` with Σ_k α_k g_k on shared parameters, α from a strategy.
 
@@ -104,7 +110,7 @@ class Engine:
                 f"strategy '{strategy.name}' needs the target-gradient EMA but its rate "
                 f"target_ema={strategy.target_ema} is not in (0, 1]"
             )
-        mode_needs = self.needs | ({Need.GRAM} if Need.VALIDATION in self.needs else set())
+        mode_needs = statistics_to_measure(self.needs)
         self.mode = resolve_mode(mode, layout, mode_needs, self.module is not None)
         self._mode_needs = mode_needs - {Need.VALIDATION, Need.TARGET_EMA, Need.TARGET_EMA_NORM}
         if distributed is None:

@@ -14,9 +14,10 @@ from auxilia.statistics import Need
 MODES: dict[str, Mode] = {mode.name: mode for mode in (EXACT, JVP, BATCHED, GHOST, SKETCH)}
 
 # Fastest first; ``exact`` is last because it is always possible and always slowest. In the
-# partitioned layout ``ghost`` needs the module; given only parameters (or, in the trainer,
-# task sources beside datasets: several losses on one row) ``jvp`` and ``batched`` still beat
-# exact's K+1 passes, as in the shared-input layout.
+# partitioned layout ``ghost`` needs the module; given only parameters (in the trainer: task
+# sources beside datasets in a model whose rows interact, or a strategy that reads only the
+# target row) ``jvp`` and ``batched`` still beat exact's K+1 passes, as in the shared-input
+# layout.
 PREFERENCE: dict[Layout, tuple[str, ...]] = {
     "partitioned": ("ghost", "jvp", "batched", "exact"),
     "shared-input": ("jvp", "batched", "exact"),
