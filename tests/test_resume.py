@@ -272,6 +272,15 @@ def test_task_sources_beside_datasets_copy_the_target_rows(tmp_path: Path) -> No
     trainer = build_trainer(load_config(config), config.parent, None, quiet=True)
     assert not trainer.copies_rows
     assert trainer.engine.mode.name == "batched"  # shared features: no per-sample mode
+    # Tasks alone under a sampler other than `all`: each copy is a whole target batch, the
+    # FLOPs of `batched`'s passes, so `auto` keeps `batched`; asked for, `ghost` still runs.
+    alone = {"sources": TASKS, "sampler": {"name": "uniform", "params": {"per_step": 1}}}
+    for mode, copies, name in (("auto", False, "batched"), ("ghost", True, "ghost")):
+        config = write_tiny_problem(
+            tmp_path, {**alone, "train": {"engine_mode": mode}}, name=f"alone-{mode}.yaml"
+        )
+        trainer = build_trainer(load_config(config), config.parent, None, quiet=True)
+        assert (trainer.copies_rows, trainer.engine.mode.name) == (copies, name)
 
 
 @pytest.mark.parametrize(

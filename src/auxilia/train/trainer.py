@@ -41,6 +41,21 @@ from auxilia.train.progress import TrainingProgress
 OptimizerName = Literal["sgd", "adam", "adamw"]
 
 
+def copies_pay_off(target: Target, sources: Sequence[Source]) -> bool:
+    """Whether ``ghost`` on the target's rows copied per task should beat ``batched``.
+
+    ``batched`` runs a backward pass over the step's rows once per source (K + 1); ``ghost``
+    runs one pass over the rows with the copies, which costs about two of ``batched``'s per
+    row (its factors and kernels besides the backward). With datasets beside the tasks the
+    copies add little to the rows and ghost wins; with tasks alone every copy is a whole
+    target batch and the two cost the same FLOPs, which ghost's overhead loses (measured).
+    """
+    tasks = sum(1 for s in sources if s.granularity == "task")
+    rows = target.batch_size + sum(s.batch_size for s in sources if s.granularity == "dataset")
+    copied = rows + tasks * target.batch_size
+    return 2 * copied <= (len(sources) + 1) * rows
+
+
 def rows_interact(model: torch.nn.Module) -> str | None:
     """Why two copies of one input row would not get the same output in training, or None.
 
@@ -174,7 +189,8 @@ class Trainer:
         # needs at most the target row; for one that needs more (norms, the Gram matrix), whose
         # ``batched`` pass grows with the number of sources, the target's rows are copied once
         # per task in the batch (``one_row_per_loss``) and the engine gets the module for
-        # ``ghost``, one pass over the copied rows, wherever rows do not interact in the model.
+        # ``ghost``, one pass over the copied rows, where that pays off (``copies_pay_off``)
+        # and rows do not interact in the model.
         per_row = all(s.granularity == "dataset" for s in self.sources)
         extra_needs = {Need.LOSSES, Need.TARGET_ROW} | self.sampler.needs
         measured = statistics_to_measure(Need.closure(set(strategy.needs) | extra_needs))
@@ -197,7 +213,11 @@ class Trainer:
             self.copies_rows, shared_input = True, False
         elif not per_row and mode == "auto" and not shared_input:
             without_module = resolve_mode("auto", "partitioned", measured, has_module=False)
-            self.copies_rows = without_module.name != "jvp" and rows_interact(self.model) is None
+            self.copies_rows = (
+                without_module.name != "jvp"
+                and copies_pay_off(target, self.sources)
+                and rows_interact(self.model) is None
+            )
         self.engine = Engine(
             self.model if per_row or self.copies_rows else self.model.parameters(),
             strategy=strategy,
