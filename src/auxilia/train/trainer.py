@@ -18,7 +18,7 @@ from auxilia import __version__
 from auxilia.atomic import write_json, write_text
 from auxilia.data.batching import Batch, BatchPlanner, IndexStream, one_row_per_loss
 from auxilia.data.sources import Pair, Source, Target, check_problem, head_outputs, hold_out
-from auxilia.engine import Engine, resolve_mode, statistics_to_measure
+from auxilia.engine import Engine, statistics_to_measure
 from auxilia.errors import ConfigError, DataError, NonFiniteLossError, NonFiniteSourceError
 from auxilia.ledger import Ledger
 from auxilia.models import AuxModel, build_model, build_trunk
@@ -36,39 +36,10 @@ from auxilia.train.distributed import (
     shard,
     share,
 )
+from auxilia.train.layout import choose_layout
 from auxilia.train.progress import TrainingProgress
 
 OptimizerName = Literal["sgd", "adam", "adamw"]
-
-
-def copies_pay_off(target: Target, sources: Sequence[Source]) -> bool:
-    """Whether ``ghost`` on the target's rows copied per task should beat ``batched``.
-
-    ``batched`` runs a backward pass over the step's rows once per source (K + 1); ``ghost``
-    runs one pass over the rows with the copies, which costs about two of ``batched``'s per
-    row (its factors and kernels besides the backward). With datasets beside the tasks the
-    copies add little to the rows and ghost wins; with tasks alone every copy is a whole
-    target batch and the two cost the same FLOPs, which ghost's overhead loses (measured).
-    """
-    tasks = sum(1 for s in sources if s.granularity == "task")
-    rows = target.batch_size + sum(s.batch_size for s in sources if s.granularity == "dataset")
-    copied = rows + tasks * target.batch_size
-    return 2 * copied <= (len(sources) + 1) * rows
-
-
-def rows_interact(model: torch.nn.Module) -> str | None:
-    """Why two copies of one input row would not get the same output in training, or None.
-
-    Dropout draws a mask per row; batch normalisation mixes rows through the batch statistics.
-    """
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
-            return f"'{name}' ({type(module).__name__}, p={module.p}) draws a mask per row"
-        if isinstance(module, torch.nn.MultiheadAttention) and module.dropout > 0:
-            return f"'{name}' (MultiheadAttention, dropout={module.dropout}) draws a mask per row"
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            return f"'{name}' ({type(module).__name__}) normalises with the batch's statistics"
-    return None
 
 
 @dataclass(frozen=True)
@@ -182,49 +153,24 @@ class Trainer:
         self.target_head_shared = any(s.head == "target" for s in self.sources)
         if self.target_head_shared:
             shared += list(self.model.heads[target.name].parameters())
-        # Per-sample modes (ghost, sketch) need every row to carry one loss; task sources label
-        # the target's own rows. When every source is a task and every step draws them all, a
-        # step's losses are one [B, K+1] table: the shared-input layout (``jvp``, ``batched``).
-        # Otherwise the engine gets parameters, and ``auto`` picks ``jvp`` for a strategy that
-        # needs at most the target row; for one that needs more (norms, the Gram matrix), whose
-        # ``batched`` pass grows with the number of sources, the target's rows are copied once
-        # per task in the batch (``one_row_per_loss``) and the engine gets the module for
-        # ``ghost``, one pass over the copied rows, where that pays off (``copies_pay_off``)
-        # and rows do not interact in the model.
-        per_row = all(s.granularity == "dataset" for s in self.sources)
+        # How each step's losses reach the engine (see ``auxilia.train.layout``).
         extra_needs = {Need.LOSSES, Need.TARGET_ROW} | self.sampler.needs
-        measured = statistics_to_measure(Need.closure(set(strategy.needs) | extra_needs))
-        shared_input = (
-            bool(self.sources)
-            and all(s.granularity == "task" for s in self.sources)
-            and self.sampler.name == "all"
-            and Need.VALIDATION not in measured
+        step_layout = choose_layout(
+            target,
+            self.sources,
+            every_step_draws_all=self.sampler.name == "all",
+            measured=statistics_to_measure(Need.closure(set(strategy.needs) | extra_needs)),
+            mode=self.settings.engine_mode,
+            model=self.model,
         )
-        mode = self.settings.engine_mode
-        self.copies_rows = False
-        if not per_row and mode in ("ghost", "sketch"):
-            interaction = rows_interact(self.model)
-            if interaction is not None:
-                raise ConfigError(
-                    f"train.engine_mode: '{mode}' needs one loss per row; task sources label "
-                    f"the target's own rows, and copies of them would differ: {interaction}; "
-                    "use 'auto', 'exact', 'batched' or 'jvp'"
-                )
-            self.copies_rows, shared_input = True, False
-        elif not per_row and mode == "auto" and not shared_input:
-            without_module = resolve_mode("auto", "partitioned", measured, has_module=False)
-            self.copies_rows = (
-                without_module.name != "jvp"
-                and copies_pay_off(target, self.sources)
-                and rows_interact(self.model) is None
-            )
+        self.copies_rows = step_layout.copies_rows
         self.engine = Engine(
-            self.model if per_row or self.copies_rows else self.model.parameters(),
+            self.model if step_layout.gives_module else self.model.parameters(),
             strategy=strategy,
             num_sources=len(self.names),
             shared=shared,
-            mode=mode,
-            layout="shared-input" if shared_input else "partitioned",
+            mode=self.settings.engine_mode,
+            layout=step_layout.layout,
             extra_needs=extra_needs,
             names=self.names,
             distributed=self.place.distributed,

@@ -1,0 +1,104 @@
+"""How the trainer lays a step's losses out for the engine, so that ``auto`` finds a fast mode.
+
+Per-sample modes (``ghost``, ``sketch``) need every row to carry one loss, but task sources
+label the target's own rows. Three layouts follow:
+
+- dataset sources alone: one loss per row; the engine gets the model (``ghost``);
+- task sources alone, every step drawing them all: one [B, K+1] table of every task's loss on
+  the target's rows, the engine's shared-input layout (``jvp``, ``batched``);
+- otherwise the partitioned layout with the engine given parameters (``jvp`` for a strategy
+  that needs at most the target row), or, for a strategy that needs more (norms, the Gram
+  matrix), the target's rows copied once per task in the batch (``one_row_per_loss``) and the
+  engine given the model, so that ``ghost`` makes one pass over the copied rows where
+  ``batched`` would make K + 1: where that pays off and rows do not interact in the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from auxilia.data.sources import Source, Target
+from auxilia.engine import Layout, resolve_mode
+from auxilia.errors import ConfigError
+from auxilia.statistics import Need
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    """The engine layout of each step, and whether the target's rows are copied per task
+    (the engine then gets the model rather than its parameters)."""
+
+    layout: Layout
+    copies_rows: bool
+    gives_module: bool
+
+
+def copies_pay_off(target: Target, sources: Sequence[Source]) -> bool:
+    """Whether ``ghost`` on the target's rows copied per task should beat ``batched``.
+
+    ``batched`` runs a backward pass over the step's rows once per source (K + 1); ``ghost``
+    runs one pass over the rows with the copies, which costs about two of ``batched``'s per
+    row (its factors and kernels besides the backward). With datasets beside the tasks the
+    copies add little to the rows and ghost wins; with tasks alone every copy is a whole
+    target batch and the two cost the same FLOPs, which ghost's overhead loses (measured).
+    """
+    tasks = sum(1 for s in sources if s.granularity == "task")
+    rows = target.batch_size + sum(s.batch_size for s in sources if s.granularity == "dataset")
+    copied = rows + tasks * target.batch_size
+    return 2 * copied <= (len(sources) + 1) * rows
+
+
+def rows_interact(model: torch.nn.Module) -> str | None:
+    """Why two copies of one input row would not get the same output in training, or None.
+
+    Dropout draws a mask per row; batch normalisation mixes rows through the batch statistics.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+            return f"'{name}' ({type(module).__name__}, p={module.p}) draws a mask per row"
+        if isinstance(module, torch.nn.MultiheadAttention) and module.dropout > 0:
+            return f"'{name}' (MultiheadAttention, dropout={module.dropout}) draws a mask per row"
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            return f"'{name}' ({type(module).__name__}) normalises with the batch's statistics"
+    return None
+
+
+def choose_layout(
+    target: Target,
+    sources: Sequence[Source],
+    *,
+    every_step_draws_all: bool,
+    measured: frozenset[Need],
+    mode: str,
+    model: torch.nn.Module,
+) -> StepLayout:
+    """The layout for these sources, the statistics the mode must compute (``measured``) and
+    the configured engine mode; a per-sample mode that copies cannot serve is a ConfigError."""
+    if all(s.granularity == "dataset" for s in sources):
+        return StepLayout("partitioned", copies_rows=False, gives_module=True)
+    shared_input = (
+        all(s.granularity == "task" for s in sources)
+        and every_step_draws_all
+        and Need.VALIDATION not in measured
+    )
+    if mode in ("ghost", "sketch"):
+        interaction = rows_interact(model)
+        if interaction is not None:
+            raise ConfigError(
+                f"train.engine_mode: '{mode}' needs one loss per row; task sources label "
+                f"the target's own rows, and copies of them would differ: {interaction}; "
+                "use 'auto', 'exact', 'batched' or 'jvp'"
+            )
+        return StepLayout("partitioned", copies_rows=True, gives_module=True)
+    if shared_input:
+        return StepLayout("shared-input", copies_rows=False, gives_module=False)
+    copies = (
+        mode == "auto"
+        and resolve_mode("auto", "partitioned", measured, has_module=False).name != "jvp"
+        and copies_pay_off(target, sources)
+        and rows_interact(model) is None
+    )
+    return StepLayout("partitioned", copies_rows=copies, gives_module=copies)
