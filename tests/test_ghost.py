@@ -755,3 +755,40 @@ def test_embedding_gram_on_both_tables(
         for name in names:
             a, b = getattr(got.statistics, name), getattr(want.statistics, name)
             assert relative_error(a, b) < 1e-10, (split, name, a, b)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 12),
+    din=st.integers(1, 5),
+    dout=st.integers(1, 4),
+    width=st.integers(1, 5),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_linear_per_source_sums_match_per_row_gradients(
+    rows: int, din: int, dout: int, width: int, bias: bool, seed: int
+) -> None:
+    """A once-called linear layer's per-source sums (one product per source over its rows,
+    sorted or not, sources without rows included) equal the sums of per-row gradients, and
+    so do the Grams formed from them, whole and as first row plus diagonal."""
+    from auxilia.engine.factors import Dense2D
+
+    g = torch.Generator().manual_seed(seed)
+    a, b = (
+        torch.randn(rows, din, generator=g, dtype=F64),
+        torch.randn(rows, dout, generator=g, dtype=F64),
+    )
+    column = torch.randint(0, width, (rows,), generator=g)
+    factor = Dense2D(a, b, torch.Size([dout, din]), torch.Size([dout]) if bias else None)
+    assert factor.simple
+    per_row = torch.einsum("ro,ri->roi", b, a).reshape(rows, -1)
+    if bias:
+        per_row = torch.cat([per_row, b], 1)
+    want = torch.zeros(width, per_row.shape[1], dtype=F64).index_add_(0, column, per_row)
+    torch.testing.assert_close(factor.per_source(column, width), want, rtol=1e-12, atol=1e-12)
+    gram = want @ want.T
+    torch.testing.assert_close(factor.source_gram(column, width), gram, rtol=1e-12, atol=1e-12)
+    partial = factor.source_gram(column, width, full=False)
+    torch.testing.assert_close(partial[0], gram[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(partial.diagonal(), gram.diagonal(), rtol=1e-12, atol=1e-12)

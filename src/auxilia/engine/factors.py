@@ -34,6 +34,9 @@ BLOCK = 1 << 24  # elements: the largest intermediate a factor forms in one piec
 # as this many multiply-adds (memory-bound), and every route has a fixed launch overhead.
 MEMORY = 20.0
 OVERHEAD = 5e4
+# A product over a few rows (one source's, in per-source sums) runs at about a quarter of the
+# rate of a large one (measured on CPU, 4 to 64 rows against the N×N kernel's products).
+THIN = 4.0
 
 
 @dataclass(frozen=True)
@@ -296,6 +299,8 @@ class Dense2D(Factor):
 
     def _sums(self, column: torch.Tensor, width: int) -> list[torch.Tensor]:
         """Per-column sums [width, ·] of the weight rows (in A's column order) and bias rows."""
+        if self.simple:
+            return self._segment_sums(column, width)
         out = []
         for size, rows in (
             (0 if self.weight is None else math.prod(self.weight), self._weight_rows),
@@ -311,6 +316,29 @@ class Dense2D(Factor):
             out.append(total)
         return out
 
+    def _segment_sums(self, column: torch.Tensor, width: int) -> list[torch.Tensor]:
+        """``_sums`` of a once-called layer on [R, d] rows without per-row gradients: the rows
+        sorted by column, one product B_cᵀ A_c per column (R·din·dout multiply-adds in all,
+        where per-row gradients write R·din·dout elements first)."""
+        a, b = self.a2, self.b2
+        counts = torch.bincount(column, minlength=width)
+        if column.numel() > 1 and not bool((column[1:] >= column[:-1]).all()):
+            order = torch.argsort(column, stable=True)
+            a, b = a[order], b[order]
+        out = []
+        if self.weight is not None:
+            total = torch.zeros(width, self.dout, self.din, dtype=self.dtype, device=b.device)
+            start = 0
+            for c, n in enumerate(counts.tolist()):
+                if n:
+                    torch.mm(b[start : start + n].T, a[start : start + n], out=total[c])
+                    start += n
+            out.append(total.view(width, -1))
+        if self.bias is not None:
+            bias = torch.zeros(width, self.dout, dtype=self.dtype, device=b.device)
+            out.append(bias.index_add_(0, column, self.b2))
+        return out
+
     def per_source(self, column: torch.Tensor, width: int) -> torch.Tensor:
         parts = self._sums(column, width)
         if self.weight is not None:
@@ -322,11 +350,19 @@ class Dense2D(Factor):
         return gram_of(self._sums(column, width), full)
 
     def source_cost(self, width: int, full: bool = True) -> float:
+        products = _products(width, full) * self.numel
+        if self.simple:  # one product per column, no per-row gradients (``_segment_sums``)
+            return (
+                (1 + width) * OVERHEAD
+                + THIN * self.rows * self.numel
+                + MEMORY * width * self.numel
+                + products
+            )
         return (
             OVERHEAD
             + self.rows * self.positions * self.groups * self.din * self.dout
             + 2 * MEMORY * self.rows * self.numel
-            + _products(width, full) * self.numel
+            + products
         )
 
     def combine(self, c: torch.Tensor) -> list[torch.Tensor]:
