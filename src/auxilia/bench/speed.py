@@ -68,7 +68,7 @@ from auxilia.engine.exact import accumulate
 from auxilia.engine.ghost import GhostRunner
 from auxilia.engine.jvp import FALLBACK_ERRORS, JvpRunner, checked_row, first_order
 from auxilia.engine.mode import Layout, ModeContext
-from auxilia.engine.modes import MODES
+from auxilia.engine.modes import unknown_mode
 from auxilia.engine.source_losses import split_by_source, split_by_task
 from auxilia.errors import AuxiliaError, ConfigError, EngineError
 from auxilia.statistics import Need
@@ -121,9 +121,9 @@ class SpeedSettings:
         if not self.modes:
             raise ConfigError("give at least one engine mode")
         for mode in self.modes:
-            if mode != "auto" and mode not in MODES:
-                known = ", ".join(["auto", *MODES])
-                raise ConfigError(f"unknown engine mode '{mode}'; expected one of: {known}")
+            unknown = unknown_mode(mode)
+            if unknown is not None:
+                raise ConfigError(unknown)
 
 
 @dataclass

@@ -39,6 +39,13 @@ def _why_not(mode: Mode, layout: Layout, needs: frozenset[Need], has_module: boo
     return None
 
 
+def unknown_mode(name: str) -> str | None:
+    """The error message for a mode name that is neither ``auto`` nor registered, else None."""
+    if name == "auto" or name in MODES:
+        return None
+    return f"unknown engine mode '{name}'; expected one of: {', '.join(['auto', *MODES])}"
+
+
 def resolve_mode(
     name: str | Mode, layout: Layout, needs: frozenset[Need], has_module: bool
 ) -> Mode:
@@ -56,9 +63,9 @@ def resolve_mode(
             if mode is not None and _why_not(mode, layout, needs, has_module) is None:
                 return mode
         raise EngineError(f"no engine mode can compute {sorted(n.value for n in needs)}")
-    if name not in MODES:
-        known = ", ".join(["auto", *MODES])
-        raise EngineError(f"unknown engine mode '{name}'; expected one of: {known}")
+    unknown = unknown_mode(name)
+    if unknown is not None:
+        raise EngineError(unknown)
     mode = MODES[name]
     reason = _why_not(mode, layout, needs, has_module)
     if reason is not None:
