@@ -15,7 +15,9 @@ from typer.testing import CliRunner
 
 from auxilia.cli import app
 from auxilia.config import build_trainer, load_config
+from auxilia.data.sources import Source, Target
 from auxilia.errors import ConfigError
+from auxilia.train.layout import copies_pay_off
 from tiny_problem import (
     Outcome,
     assert_one_line_error,
@@ -283,22 +285,70 @@ def test_task_sources_beside_datasets_copy_the_target_rows(tmp_path: Path) -> No
         assert (trainer.copies_rows, trainer.engine.mode.name) == (copies, name)
 
 
+def test_copies_pay_off_where_ghost_over_the_copies_costs_less() -> None:
+    """About 2 backward passes a row for ``ghost`` over the copied rows, against 3.5 for ``jvp``
+    and K + 1 for ``batched`` over the shared rows (hand-counted rows below)."""
+    x = torch.zeros(64, 4)
+    labels = torch.zeros(64, dtype=torch.long)
+
+    def sources(datasets: int, tasks: int) -> list[Source]:
+        return [
+            Source(f"d{i}", data=(x, labels), head="target", batch_size=32) for i in range(datasets)
+        ] + [Source(f"t{i}", granularity="task", labels=labels) for i in range(tasks)]
+
+    target = Target("t", train=(x, labels), batch_size=32)
+    # The demo's shape, 4 datasets and a task: 160 rows, 192 with the copy (2·192 ≤ 3.5·160).
+    assert copies_pay_off(target, sources(4, 1), "jvp")
+    assert copies_pay_off(target, sources(4, 1), "batched")
+    # 8 + 8: 288 rows, 544 copied: 1088 > 3.5·288 = 1008, but ≤ 17·288.
+    assert not copies_pay_off(target, sources(8, 8), "jvp")
+    assert copies_pay_off(target, sources(8, 8), "batched")
+    # Tasks alone: 32 rows, 160 copied; 320 > 5·32.
+    assert not copies_pay_off(target, sources(0, 4), "batched")
+    assert not copies_pay_off(target, sources(0, 4), "jvp")
+    # Copies are a choice between ghost and these two; any other mode on the shared rows stays.
+    assert not copies_pay_off(target, sources(4, 1), "exact")
+
+
+# One dataset beside three tasks: copying the target's rows for each task multiplies the
+# step's rows by 2.5 (16 → 40), more than ``jvp``'s passes over the shared rows cost.
+MANY_TASKS = {
+    "sources": [
+        base_config()["sources"][0],
+        *({**TASKS[0], "name": f"parity{i}"} for i in range(3)),
+    ]
+}
+
+
 @pytest.mark.parametrize(
-    ("strategy", "mode"), [("auto", "ghost"), ("arml", "ghost"), ("olaux", "jvp")]
+    ("strategy", "changes", "mode"),
+    [
+        ("auto", {}, "ghost"),
+        ("arml", {}, "ghost"),
+        ("olaux", {}, "ghost"),
+        ("olaux", MANY_TASKS, "jvp"),
+        ("arml", MANY_TASKS, "ghost"),
+    ],
 )
 def test_task_and_dataset_sources_train_as_exact_does(
-    strategy: str, mode: str, tmp_path: Path
+    strategy: str, changes: dict[str, Any], mode: str, tmp_path: Path
 ) -> None:
     """A task source beside dataset sources puts several losses on the target's rows; ``auto``
-    picks ``jvp`` for a strategy that reads only the target row, and ``ghost`` on copies of
-    the target's rows for one that reads more, over exact's K+1 passes, and trains the same."""
+    runs ``ghost`` on copies of the target's rows where they cost less than the mode on the
+    shared rows (``jvp`` for a strategy that reads only the target row, ``batched``'s K + 1
+    passes for one that reads more), that mode otherwise, and trains as ``exact`` does."""
     runs = fit_variants(
         tmp_path,
         {
-            engine_mode: {"strategy": {"name": strategy}, "train": {"engine_mode": engine_mode}}
+            engine_mode: {
+                **changes,
+                "strategy": {"name": strategy},
+                "train": {"engine_mode": engine_mode},
+            }
             for engine_mode in ("auto", "exact")
         },
     )
+    assert runs["auto"][0].copies_rows == (mode == "ghost")
     assert runs["auto"][0].engine.mode.name == mode
     assert runs["exact"][0].engine.mode.name == "exact"
     assert_same_training(runs["auto"], runs["exact"])

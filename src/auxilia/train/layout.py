@@ -6,11 +6,12 @@ label the target's own rows. Three layouts follow:
 - dataset sources alone: one loss per row; the engine gets the model (``ghost``);
 - task sources alone, every step drawing them all: one [B, K+1] table of every task's loss on
   the target's rows, the engine's shared-input layout (``jvp``, ``batched``);
-- otherwise the partitioned layout with the engine given parameters (``jvp`` for a strategy
-  that needs at most the target row), or, for a strategy that needs more (norms, the Gram
-  matrix), the target's rows copied once per task in the batch (``one_row_per_loss``) and the
-  engine given the model, so that ``ghost`` makes one pass over the copied rows where
-  ``batched`` would make K + 1: where that pays off and rows do not interact in the model.
+- otherwise the partitioned layout, either with the engine given parameters (``jvp`` for a
+  strategy that needs at most the target row, ``batched`` for one that needs norms or the Gram
+  matrix), or with the target's rows copied once per task in the batch (``one_row_per_loss``)
+  and the engine given the model, so that ``ghost`` makes one pass over the copied rows: where
+  that costs less than the mode on the shared rows (``copies_pay_off``) and rows do not
+  interact in the model.
 """
 
 from __future__ import annotations
@@ -36,19 +37,30 @@ class StepLayout:
     gives_module: bool
 
 
-def copies_pay_off(target: Target, sources: Sequence[Source]) -> bool:
-    """Whether ``ghost`` on the target's rows copied per task should beat ``batched``.
+# Backward passes' worth of work per row, of the modes ``auto`` chooses between (measured, see
+# BENCHMARKS.md "Copies of the target's rows"): ``ghost`` runs one backward to the layers'
+# outputs, then its kernels and the combine from the stored factors (about two); ``jvp`` runs a
+# first-order pass that keeps its graph, a second-order pass along g_0 (about 1.5) and the
+# combine; ``batched`` one pass per source.
+GHOST_PASSES = 2.0
+JVP_PASSES = 3.5
 
-    ``batched`` runs a backward pass over the step's rows once per source (K + 1); ``ghost``
-    runs one pass over the rows with the copies, which costs about two of ``batched``'s per
-    row (its factors and kernels besides the backward). With datasets beside the tasks the
-    copies add little to the rows and ghost wins; with tasks alone every copy is a whole
-    target batch and the two cost the same FLOPs, which ghost's overhead loses (measured).
+
+def copies_pay_off(target: Target, sources: Sequence[Source], alternative: str) -> bool:
+    """Whether ``ghost`` on the target's rows copied per task should beat ``alternative``, the
+    mode that would run on the shared rows (``jvp`` or ``batched``; False for any other).
+
+    Each copy adds a whole target batch of rows. With datasets beside a few tasks the copies
+    add little and ghost wins; with tasks alone, or many tasks beside few datasets, the copies
+    multiply the rows and the mode on the shared rows wins (measured).
     """
+    passes = {"jvp": JVP_PASSES, "batched": float(len(sources) + 1)}.get(alternative)
+    if passes is None:
+        return False
     tasks = sum(1 for s in sources if s.granularity == "task")
     rows = target.batch_size + sum(s.batch_size for s in sources if s.granularity == "dataset")
     copied = rows + tasks * target.batch_size
-    return 2 * copied <= (len(sources) + 1) * rows
+    return GHOST_PASSES * copied <= passes * rows
 
 
 def rows_interact(model: torch.nn.Module) -> str | None:
@@ -97,8 +109,10 @@ def choose_layout(
         return StepLayout("shared-input", copies_rows=False, gives_module=False)
     copies = (
         mode == "auto"
-        and resolve_mode("auto", "partitioned", measured, has_module=False).name != "jvp"
-        and copies_pay_off(target, sources)
+        and not measured <= {Need.LOSSES}  # then no mode needs more than the one plain backward
+        and copies_pay_off(
+            target, sources, resolve_mode("auto", "partitioned", measured, has_module=False).name
+        )
         and rows_interact(model) is None
     )
     return StepLayout("partitioned", copies_rows=copies, gives_module=copies)
