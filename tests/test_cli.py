@@ -59,6 +59,7 @@ def test_run_writes_every_file(runner: CliRunner, tiny_config: Path, tmp_path: P
     out = tmp_path / "run"
     result = _run(runner, tiny_config, out)
     assert "tiny: test accuracy" in result.stdout
+    assert "engine: ghost (partitioned): the target's rows copied once per task" in result.stdout
     assert str(out) in result.stdout
 
     # config.yaml: the resolved config, loadable, data paths absolute and existing

@@ -664,6 +664,48 @@ def test_batched_times_vmap_against_a_loop_and_keeps_the_faster() -> None:
     assert len(runner.timings["loop"]) == BatchedRunner.TRIALS
 
 
+def test_the_timed_path_is_kept_across_a_checkpoint() -> None:
+    """A resumed engine takes the path ``batched`` chose from the checkpoint instead of timing
+    both again (so the run goes on as it was, and its results name the same path), also where
+    ``jvp`` starts its ``batched`` only later; an unknown path in a checkpoint is refused."""
+    model = Model("mlp", 3, seed=6, aux_only=False)
+    batches = make_batches("mlp", "shared-input", 3, [[0, 1, 2, 0]] * 6, seed=6)
+
+    def engine(mode: str) -> Engine:
+        return Engine(
+            model,
+            strategy=strategies.arml() if mode == "batched" else strategies.olaux(),
+            num_sources=3,
+            shared=model.shared(),
+            mode=mode,
+            layout="shared-input",
+        )
+
+    first = engine("batched")
+    for x, y, ids in batches:
+        first.backward(losses_of(model, "shared-input", x, y, ids))
+    runner = first.runner
+    assert isinstance(runner, BatchedRunner)
+    assert runner.path in ("vmap", "loop")
+    state = first.state_dict()
+    assert state["batched_path"] == runner.path
+    resumed = engine("batched")
+    resumed.load_state_dict(state)
+    x, y, ids = batches[0]
+    resumed.backward(losses_of(model, "shared-input", x, y, ids))
+    assert isinstance(resumed.runner, BatchedRunner)
+    assert resumed.runner.path == runner.path
+    assert resumed.runner.timings == {"vmap": [], "loop": []}  # nothing timed again
+    assert resumed.path() == (runner.path, [])
+    later = engine("jvp")  # three sources: the second-order route, no batched yet
+    later.load_state_dict({**state, "strategy": later.strategy_state})
+    assert isinstance(later.runner, JvpRunner)
+    assert later.runner.batched is None
+    assert later.runner.batched_path == runner.path
+    with pytest.raises(EngineError, match="unknown batched path 'fast'"):
+        resumed.load_state_dict({**state, "batched_path": "fast"})
+
+
 def test_jvp_takes_the_gradients_of_two_sources_directly() -> None:
     """With at most two present sources their gradients cost less than the second-order route:
     jvp measures them through batched, silently, with the same numbers."""

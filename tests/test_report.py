@@ -33,6 +33,13 @@ def _results(sources: list[str]) -> dict[str, Any]:
             }
             for i, name in enumerate(sources)
         ],
+        "engine": {
+            "mode": "batched",
+            "layout": "partitioned",
+            "copies_target_rows": False,
+            "path": "vmap",
+            "why": "copies of a row would differ: 'trunk.2' (Dropout, p=0.1) draws a mask per row",
+        },
         "steps": 30,
         "seed": 0,
         "wall_seconds": 1.5,
@@ -96,6 +103,21 @@ def test_results_without_value_still_render(tmp_path: Path) -> None:
     (run / "results.json").write_text(json.dumps(data), encoding="utf-8")
     html = render_report(run).read_text(encoding="utf-8")
     assert "<th>value</th>" in html
+
+
+def test_the_engine_that_ran_is_shown_and_older_runs_render_without_it(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    html = render_report(run).read_text(encoding="utf-8")
+    assert "batched (partitioned, vmap)" in html
+    assert "&#x27;trunk.2&#x27; (Dropout, p=0.1) draws a mask per row" in html
+    data = json.loads((run / "results.json").read_text(encoding="utf-8"))
+    data["engine"]["copies_target_rows"] = "no"
+    (run / "results.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(DataError, match="'copies_target_rows' must be true or false"):
+        render_report(run)
+    del data["engine"]
+    (run / "results.json").write_text(json.dumps(data), encoding="utf-8")
+    assert "engine mode" not in render_report(run).read_text(encoding="utf-8")
 
 
 def test_missing_results_names_file(tmp_path: Path) -> None:

@@ -101,8 +101,15 @@ def _assert_runs_equal(resumed: Path, full: Path) -> None:
         assert torch.equal(a["model"][name], tensor), f"model parameter {name} differs after resume"
     a.pop("wall_seconds")
     b.pop("wall_seconds")
+    # Which of vmap or a loop `batched` kept is timed in each run (same numbers either way): two
+    # runs may keep different ones; a resumed run keeps its own (test below).
+    a["engine"].pop("batched_path", None)
+    b["engine"].pop("batched_path", None)
     assert_same(a, b)  # optimizer, engine/strategy, sampler, planner, ledger, RNG
-    assert _results(resumed) == _results(full)
+    ra, rb = _results(resumed), _results(full)
+    ra["engine"].pop("path")
+    rb["engine"].pop("path")
+    assert ra == rb
     metrics, expected = _metrics(resumed), _metrics(full)
     assert [m["step"] for m in metrics] == [5, 10, 15, 20]
     assert [m for m in metrics if m["step"] > HALF] == [m for m in expected if m["step"] > HALF]
@@ -123,7 +130,10 @@ def test_resume_with_more_steps_is_exact(case: str, tmp_path: Path) -> None:
     assert half["steps"] == HALF
     assert _last_checkpoint(split_dir)["step"] == HALF
 
+    kept = _last_checkpoint(split_dir)["engine"].get("batched_path")
     resumed = _fit(full_config, split_dir, resume=True)  # train.steps raised from HALF to STEPS
+    assert _last_checkpoint(split_dir)["engine"].get("batched_path") == kept
+    assert kept is None or kept in resumed["engine"]["path"]  # "vmap", or "via batched, vmap"
     assert resumed["steps"] == STEPS
     assert resumed["target"] == full["target"]
     assert resumed["sources"] == full["sources"]
@@ -266,6 +276,10 @@ def test_task_sources_beside_datasets_copy_the_target_rows(tmp_path: Path) -> No
         assert trainer.copies_rows
         assert (trainer.engine.layout, trainer.engine.mode.name) == ("partitioned", "ghost")
         trainer.train_step(0)
+        summary = trainer.engine_summary()
+        assert summary["copies_target_rows"]
+        assert summary["mode"] == "ghost"
+        assert "the target's rows copied once per task (24 → 32 rows a step)" in summary["why"]
     dropout = {"model": {"params": {"hidden": [16], "dropout": 0.1}}}
     config = write_tiny_problem(tmp_path, {**dropout, "train": {"engine_mode": "ghost"}})
     with pytest.raises(ConfigError, match=r"'ghost' needs one loss per row.*Dropout, p=0.1"):
@@ -274,6 +288,9 @@ def test_task_sources_beside_datasets_copy_the_target_rows(tmp_path: Path) -> No
     trainer = build_trainer(load_config(config), config.parent, None, quiet=True)
     assert not trainer.copies_rows
     assert trainer.engine.mode.name == "batched"  # shared features: no per-sample mode
+    assert trainer.engine_summary()["why"].endswith(
+        "copies of a row would differ: 'trunk.3' (Dropout, p=0.1) draws a mask per row"
+    )
     # Tasks alone under a sampler other than `all`: each copy is a whole target batch, the
     # FLOPs of `batched`'s passes, so `auto` keeps `batched`; asked for, `ghost` still runs.
     alone = {"sources": TASKS, "sampler": {"name": "uniform", "params": {"per_step": 1}}}
@@ -283,6 +300,10 @@ def test_task_sources_beside_datasets_copy_the_target_rows(tmp_path: Path) -> No
         )
         trainer = build_trainer(load_config(config), config.parent, None, quiet=True)
         assert (trainer.copies_rows, trainer.engine.mode.name) == (copies, name)
+        if mode == "auto":
+            assert trainer.engine_summary()["why"].endswith(
+                "copying them per task (8 → 16 rows a step) would cost more than batched"
+            )
 
 
 def test_copies_pay_off_where_ghost_over_the_copies_costs_less() -> None:
@@ -349,6 +370,8 @@ def test_task_and_dataset_sources_train_as_exact_does(
         },
     )
     assert runs["auto"][0].copies_rows == (mode == "ghost")
+    assert runs["auto"][1]["engine"]["mode"] == mode  # results.json records what ran
+    assert runs["exact"][1]["engine"]["mode"] == "exact"
     assert runs["auto"][0].engine.mode.name == mode
     assert runs["exact"][0].engine.mode.name == "exact"
     assert_same_training(runs["auto"], runs["exact"])

@@ -56,7 +56,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from auxilia import strategies
 from auxilia.engine import Engine
 from auxilia.engine.batched import (
-    BatchedRunner,
     JacobianMeasurement,
     batched_jacobian,
     jacobian_statistics,
@@ -66,7 +65,7 @@ from auxilia.engine.batched import (
 )
 from auxilia.engine.exact import accumulate
 from auxilia.engine.ghost import GhostRunner
-from auxilia.engine.jvp import FALLBACK_ERRORS, JvpRunner, checked_row, first_order
+from auxilia.engine.jvp import FALLBACK_ERRORS, checked_row, first_order
 from auxilia.engine.mode import Layout, ModeContext
 from auxilia.engine.modes import unknown_mode
 from auxilia.engine.source_losses import split_by_source, split_by_task
@@ -446,7 +445,7 @@ def _run_group(cases: list[Case], settings: SpeedSettings) -> None:
             for _ in range(max(settings.warmup, 1 if settings.memory else 0)):
                 case.step()
         messages = {str(w.message).splitlines()[0] for w in caught}
-        # The engine's own fallbacks are reported by engine_path() instead.
+        # The engine's own fallbacks are reported by Engine.path() instead.
         case.notes += sorted(m for m in messages if not m.startswith("engine mode "))
     # The timed steps come in ROUNDS rounds; in each, every case takes its turn: one untimed
     # step (it pays for what the previous case left in the allocator and caches), then its
@@ -459,37 +458,8 @@ def _run_group(cases: list[Case], settings: SpeedSettings) -> None:
             case.times += [case.run() for _ in range(share)]
     for case in cases:
         if case.engine is not None:
-            case.path, notes = engine_path(case.engine)
+            case.path, notes = case.engine.path()
             case.notes += notes
-
-
-def engine_path(engine: Engine) -> tuple[str | None, list[str]]:
-    """How the fast modes ran on this model: jvp's fallback, batched's vmap or loop."""
-    runner: Any = engine.runner
-    path: list[str] = []
-    notes = []
-    if isinstance(runner, JvpRunner) and runner.batched is not None:
-        path.append("via batched")
-        if runner.failure is not None:
-            notes.append(f"jvp measured through batched: {runner.failure}")
-        else:
-            notes.append(
-                f"jvp measured through batched: at most {runner.ROWS_AT_MOST} sources present"
-            )
-        runner = runner.batched
-    if isinstance(runner, BatchedRunner):
-        if runner.vmap_failure is not None:
-            path.append("loop")
-            notes.append(f"batched: vmap failed, loop of backward passes: {runner.vmap_failure}")
-        elif runner.path is not None:
-            path.append(runner.path)
-            vmap = min(runner.timings["vmap"][1:])
-            loop = min(runner.timings["loop"])
-            notes.append(
-                f"batched chose {runner.path}: per source vmap {1e3 * vmap:.3f} ms, "
-                f"loop {1e3 * loop:.3f} ms"
-            )
-    return (", ".join(path) or None), notes
 
 
 def run_speed(

@@ -67,6 +67,9 @@ def run(
     target = results["target"]
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
         typer.echo(f"{target['name']}: {target['split']} {target['metric']} {target['value']:.4f}")
+        engine = results["engine"]
+        path = f", {engine['path']}" if engine["path"] else ""
+        typer.echo(f"engine: {engine['mode']} ({engine['layout']}{path}): {engine['why']}")
         typer.echo(f"run directory: {out_dir} (report: {out_dir / 'report.html'})")
 
 

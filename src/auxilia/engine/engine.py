@@ -9,6 +9,7 @@ from typing import Any, cast
 
 import torch
 
+from auxilia.engine.batched import BatchedRunner
 from auxilia.engine.distributed import (
     Collectives,
     GlobalLosses,
@@ -17,6 +18,7 @@ from auxilia.engine.distributed import (
     globalise_losses,
 )
 from auxilia.engine.exact import accumulate
+from auxilia.engine.jvp import JvpRunner
 from auxilia.engine.mode import (
     LAYOUTS,
     DirectionalMeasurement,
@@ -279,6 +281,38 @@ class Engine:
             return alpha[: self.num_sources], float(alpha[-1])
         return alpha, 0.0
 
+    def path(self) -> tuple[str | None, list[str]]:
+        """How the mode ran on this model where it chooses while running, and why: ``jvp``
+        measuring through ``batched``, ``batched``'s vmap or loop of backward passes.
+        (None, []) for a mode that has no such choice, or before the choice is made."""
+        runner: Any = self.runner
+        path: list[str] = []
+        notes = []
+        if isinstance(runner, JvpRunner) and runner.batched is not None:
+            path.append("via batched")
+            if runner.failure is not None:
+                notes.append(f"jvp measured through batched: {runner.failure}")
+            else:
+                notes.append(
+                    f"jvp measured through batched: at most {runner.ROWS_AT_MOST} sources present"
+                )
+            runner = runner.batched
+        if isinstance(runner, BatchedRunner):
+            if runner.vmap_failure is not None:
+                path.append("loop")
+                notes.append(
+                    f"batched: vmap failed, loop of backward passes: {runner.vmap_failure}"
+                )
+            elif runner.path is not None:
+                path.append(runner.path)
+                vmap, loop = runner.timings["vmap"][1:], runner.timings["loop"]
+                if vmap and loop:  # the path was timed (not restored from a checkpoint)
+                    notes.append(
+                        f"batched chose {runner.path}: per source vmap {1e3 * min(vmap):.3f} "
+                        f"ms, loop {1e3 * min(loop):.3f} ms"
+                    )
+        return (", ".join(path) or None), notes
+
     # ---- lifecycle --------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -290,10 +324,16 @@ class Engine:
         return {} if self.collectives is None else self.collectives.report()
 
     def state_dict(self) -> dict[str, Any]:
-        """The strategy state, step counter and target-gradient EMA, for checkpoints."""
+        """The strategy state, step counter, target-gradient EMA and the path ``batched`` chose
+        by timing (a resumed run keeps it rather than timing again), for checkpoints."""
         state: dict[str, Any] = {"step": self.step, "strategy": dict(self.strategy_state)}
         if self.ema is not None:
             state["ema"] = [e.detach().cpu().clone() for e in self.ema]
+        runner: Any = self.runner
+        if isinstance(runner, JvpRunner):
+            runner = runner.batched
+        if isinstance(runner, BatchedRunner) and runner.path is not None:
+            state["batched_path"] = runner.path
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -303,6 +343,16 @@ class Engine:
         if "ema" in state:
             shared = self._shared_params()
             self.ema = [e.to(p.device) for e, p in zip(state["ema"], shared, strict=True)]
+        path = state.get("batched_path")
+        if path is not None:
+            if path not in ("vmap", "loop"):
+                raise EngineError(f"checkpoint: unknown batched path {path!r}")
+            if isinstance(self.runner, JvpRunner):
+                self.runner.batched_path = path
+                if self.runner.batched is not None:
+                    self.runner.batched.path = path
+            elif isinstance(self.runner, BatchedRunner):
+                self.runner.path = path
 
 
 def _without_validation(stats: Statistics, needs: frozenset[Need]) -> Statistics:

@@ -37,6 +37,7 @@ import torch
 from auxilia.engine.batched import (
     BatchedRunner,
     JacobianMeasurement,
+    Path,
     product_dtype,
     split_shared,
     write_gradient,
@@ -194,6 +195,7 @@ class JvpRunner:
         self.shared, self.others = split_shared(context.params, context.shared)
         self.batched: BatchedRunner | None = None  # started on first use
         self.failure: str | None = None  # why the second-order pass cannot be used
+        self.batched_path: Path | None = None  # batched's path, where a checkpoint gave one
         self._context = context
 
     def measure(self, batch: SourceLosses, needs: frozenset[Need]) -> Measurement:
@@ -235,6 +237,7 @@ class JvpRunner:
     def _batched_measure(self, batch: SourceLosses, needs: frozenset[Need]) -> JacobianMeasurement:
         if self.batched is None:
             self.batched = BatchedRunner(self._context)
+            self.batched.path = self.batched_path
         return self.batched.measure(batch, needs)
 
     def close(self) -> None:

@@ -39,6 +39,13 @@ def _summary(results: Results) -> str:
         ("seed", str(results.seed)),
         ("wall seconds", _num(results.wall_seconds, ".1f")),
     ]
+    engine = results.engine
+    if engine is not None:
+        how = [engine.layout, *([engine.path] if engine.path else [])]
+        rows += [
+            ("engine mode", f"{engine.mode} ({', '.join(how)})"),
+            ("engine layout", engine.why),
+        ]
     body = "".join(_row(f"<th>{escape(k)}</th>", f"<td>{escape(v)}</td>") for k, v in rows)
     return f"<table>{body}</table>"
 

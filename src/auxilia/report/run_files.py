@@ -27,6 +27,17 @@ class SourceResult:
 
 
 @dataclass(frozen=True)
+class EngineResult:
+    """The engine mode and layout a run used, and why that layout (``results.json`` ``engine``)."""
+
+    mode: str
+    layout: str
+    copies_target_rows: bool
+    path: str | None
+    why: str
+
+
+@dataclass(frozen=True)
 class Results:
     """The parts of ``results.json`` the report shows."""
 
@@ -39,6 +50,7 @@ class Results:
     steps: int
     seed: int
     wall_seconds: float
+    engine: EngineResult | None = None  # None: a run from before the engine was recorded
 
 
 @dataclass(frozen=True)
@@ -113,6 +125,22 @@ def _source(obj: Any, where: str) -> SourceResult:
     )
 
 
+def _engine(obj: Any, where: str) -> EngineResult:
+    copies = _get(obj, "copies_target_rows", where)
+    if not isinstance(copies, bool):
+        raise DataError(f"{where}: 'copies_target_rows' must be true or false, got {copies!r}")
+    path = _get(obj, "path", where)
+    if path is not None and not isinstance(path, str):
+        raise DataError(f"{where}: 'path' must be a string or null, got {path!r}")
+    return EngineResult(
+        mode=_str(obj, "mode", where),
+        layout=_str(obj, "layout", where),
+        copies_target_rows=copies,
+        path=path,
+        why=_str(obj, "why", where),
+    )
+
+
 def read_results(path: Path) -> Results:
     """Parse ``results.json``; unknown keys are ignored."""
     try:
@@ -137,6 +165,9 @@ def read_results(path: Path) -> Results:
         steps=_int(data, "steps", where),
         seed=_int(data, "seed", where),
         wall_seconds=_float(data, "wall_seconds", where),
+        engine=_engine(_dict(data, "engine", where), f"{where} engine")
+        if "engine" in data
+        else None,
     )
 
 

@@ -35,6 +35,7 @@ class StepLayout:
     layout: Layout
     copies_rows: bool
     gives_module: bool
+    reason: str  # why, in one line: recorded in results.json and shown in the report
 
 
 # Backward passes' worth of work per row, of the modes ``auto`` chooses between (measured, see
@@ -57,10 +58,16 @@ def copies_pay_off(target: Target, sources: Sequence[Source], alternative: str) 
     passes = {"jvp": JVP_PASSES, "batched": float(len(sources) + 1)}.get(alternative)
     if passes is None:
         return False
+    rows, copied = step_rows(target, sources)
+    return GHOST_PASSES * copied <= passes * rows
+
+
+def step_rows(target: Target, sources: Sequence[Source]) -> tuple[int, int]:
+    """Rows of a step drawing every source: shared (the target's rows once) and with the
+    target's rows copied once per task."""
     tasks = sum(1 for s in sources if s.granularity == "task")
     rows = target.batch_size + sum(s.batch_size for s in sources if s.granularity == "dataset")
-    copied = rows + tasks * target.batch_size
-    return GHOST_PASSES * copied <= passes * rows
+    return rows, rows + tasks * target.batch_size
 
 
 def rows_interact(model: torch.nn.Module) -> str | None:
@@ -90,12 +97,14 @@ def choose_layout(
     """The layout for these sources, the statistics the mode must compute (``measured``) and
     the configured engine mode; a per-sample mode that copies cannot serve is a ConfigError."""
     if all(s.granularity == "dataset" for s in sources):
-        return StepLayout("partitioned", copies_rows=False, gives_module=True)
+        return StepLayout("partitioned", False, True, "every source is a dataset: one loss per row")
     shared_input = (
         all(s.granularity == "task" for s in sources)
         and every_step_draws_all
         and Need.VALIDATION not in measured
     )
+    rows, copied = step_rows(target, sources)
+    copy = f"the target's rows copied once per task ({rows} → {copied} rows a step)"
     if mode in ("ghost", "sketch"):
         interaction = rows_interact(model)
         if interaction is not None:
@@ -104,15 +113,34 @@ def choose_layout(
                 f"the target's own rows, and copies of them would differ: {interaction}; "
                 "use 'auto', 'exact', 'batched' or 'jvp'"
             )
-        return StepLayout("partitioned", copies_rows=True, gives_module=True)
+        return StepLayout("partitioned", True, True, f"engine_mode '{mode}': {copy}")
     if shared_input:
-        return StepLayout("shared-input", copies_rows=False, gives_module=False)
-    copies = (
-        mode == "auto"
-        and not measured <= {Need.LOSSES}  # then no mode needs more than the one plain backward
-        and copies_pay_off(
-            target, sources, resolve_mode("auto", "partitioned", measured, has_module=False).name
+        return StepLayout(
+            "shared-input",
+            False,
+            False,
+            "every source is a task and each step draws them all: one table of every task's "
+            "loss on the target's rows",
         )
-        and rows_interact(model) is None
+    shared = "task sources label the target's own rows, shared by every task"
+    if mode != "auto":
+        return StepLayout("partitioned", False, False, f"{shared}; engine_mode '{mode}'")
+    if measured <= {Need.LOSSES}:  # no mode needs more than the one plain backward
+        return StepLayout("partitioned", False, False, f"{shared}; no gradient statistic")
+    interaction = rows_interact(model)
+    if interaction is not None:
+        return StepLayout(
+            "partitioned", False, False, f"{shared}; copies of a row would differ: {interaction}"
+        )
+    alternative = resolve_mode("auto", "partitioned", measured, has_module=False).name
+    if copies_pay_off(target, sources, alternative):
+        return StepLayout(
+            "partitioned", True, True, f"{copy}: ghost over them costs less than {alternative}"
+        )
+    return StepLayout(
+        "partitioned",
+        False,
+        False,
+        f"{shared}: copying them per task ({rows} → {copied} rows a step) would cost more "
+        f"than {alternative}",
     )
-    return StepLayout("partitioned", copies_rows=copies, gives_module=copies)

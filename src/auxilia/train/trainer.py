@@ -163,6 +163,7 @@ class Trainer:
             mode=self.settings.engine_mode,
             model=self.model,
         )
+        self.step_layout = step_layout
         self.copies_rows = step_layout.copies_rows
         self.engine = Engine(
             self.model if step_layout.gives_module else self.model.parameters(),
@@ -501,7 +502,19 @@ class Trainer:
                 "value": self.evaluate(split),
             },
             "sources": sources,
+            "engine": self.engine_summary(),
             "steps": self.settings.steps,
             "seed": self.settings.seed,
             "wall_seconds": wall,
+        }
+
+    def engine_summary(self) -> dict[str, Any]:
+        """The engine mode and layout that ran, and why this layout (``results.json``)."""
+        path, _ = self.engine.path()
+        return {
+            "mode": self.engine.mode.name,
+            "layout": self.engine.layout,
+            "copies_target_rows": self.copies_rows,
+            "path": path,
+            "why": self.step_layout.reason,
         }
