@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from auxilia.bench import quality as quality_module
 from auxilia.bench.aggregate import Bar, oracle_fraction, rankdata, spearman, standing
-from auxilia.bench.ground_truth import group_truth, oracle_subset, subsets
+from auxilia.bench.ground_truth import group_truth, loo_reliability, oracle_subset, subsets
 from auxilia.bench.quality import QualitySettings, run_quality
 from auxilia.bench.runs import RunSpec
 from tiny_problem import Outcome
@@ -117,6 +119,72 @@ def test_ground_truth_from_subset_runs() -> None:
     assert oracle_subset(truth) == ("a",)
 
 
+def _runs_with_loo(loo: dict[str, list[float]]) -> dict[int, dict[tuple[str, ...], float]]:
+    """Subset runs whose leave-one-out values per seed are ``loo`` (all sources at 10)."""
+    named = subsets(list(loo))
+    seeds = len(next(iter(loo.values())))
+    return {
+        seed: {
+            named["all"]: 10.0,
+            **{named[f"without:{g}"]: 10.0 - v[seed] for g, v in loo.items()},
+        }
+        for seed in range(seeds)
+    }
+
+
+def test_loo_reliability_on_hand_made_seeds() -> None:
+    """Four seeds, three groups: the three splits into halves of two, stepped up 2r/(1+r)."""
+    steady = {"a": [3, 3, 3, 3], "b": [2, 2, 2, 2], "c": [1, 1, 1, 1]}
+    assert loo_reliability(list(steady), _runs_with_loo(steady)) == pytest.approx(1.0)
+    # One seed drops b to a's... c's level: the half holding it ranks (3, 1.5, 1.5) against
+    # (3, 2, 1): Spearman 1.5 / sqrt(2 · 1.5) = 0.866 in every split; 2r/(1+r) = 0.928.
+    shaky = {"a": [3, 3, 3, 3], "b": [2, 2, 2, 0], "c": [1, 1, 1, 1]}
+    r = 1.5 / math.sqrt(3.0)
+    assert loo_reliability(list(shaky), _runs_with_loo(shaky)) == pytest.approx(2 * r / (1 + r))
+    # The last seed reverses the order, and every split puts it in one half: r = -1.
+    flipped = {"a": [3, 3, 3, 0], "b": [2, 2, 2, 2], "c": [1, 1, 1, 5]}
+    assert loo_reliability(list(flipped), _runs_with_loo(flipped)) == pytest.approx(-1.0)
+    # Too few seeds or groups, or a seed missing a leave-one-out run: None / left out.
+    assert (
+        loo_reliability(["a", "b", "c"], _runs_with_loo({g: v[:3] for g, v in steady.items()}))
+        is None
+    )
+    assert loo_reliability(["a", "b"], _runs_with_loo({"a": [1] * 4, "b": [2] * 4})) is None
+    runs = _runs_with_loo({g: [*v, 9] for g, v in shaky.items()})
+    del runs[4][("a", "b")]  # seed 4 lacks "without c": only seeds 0-3 count
+    assert loo_reliability(list(shaky), runs) == pytest.approx(2 * r / (1 + r))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(4, 7).flatmap(
+        lambda seeds: st.tuples(
+            st.lists(
+                st.lists(st.integers(-20, 20), min_size=seeds, max_size=seeds),
+                min_size=3,
+                max_size=6,
+            ),
+            st.lists(st.integers(-5, 5), min_size=seeds, max_size=seeds),
+        )
+    )
+)
+def test_loo_reliability_is_a_bounded_rank_statistic(
+    case: tuple[list[list[int]], list[int]],
+) -> None:
+    """In [-1, 1], and unchanged when a seed moves every group by the same amount (a seed on
+    which every source matters more ranks them the same). Integers keep the means exact."""
+    rows, shifts = case
+    loo = {f"g{i}": [float(v) for v in row] for i, row in enumerate(rows)}
+    value = loo_reliability(list(loo), _runs_with_loo(loo))
+    shifted = {g: [v + c for v, c in zip(row, shifts, strict=True)] for g, row in loo.items()}
+    moved = loo_reliability(list(shifted), _runs_with_loo(shifted))
+    if value is None:
+        assert moved is None
+        return
+    assert -1.0 <= value <= 1.0
+    assert moved == pytest.approx(value)
+
+
 # ---- running the grid ----------------------------------------------------------------------
 
 TINY = [
@@ -158,6 +226,7 @@ def test_quality_smoke_through_the_cli(
         assert len(source["add_one_in_per_seed"]) == 2
         assert isinstance(source["in_oracle"], bool)
     assert set(scenario["oracle"]) >= {"sources", "mean", "gain"}
+    assert scenario["truth_reliability"] is None  # two seeds: no halves to compare
     rows = {r["strategy"]: r for r in scenario["rows"]}
     assert set(rows) == {"target-only", "equal", "gcs", "auto:projection"}  # NAME:VARIANT too
     for row in rows.values():

@@ -210,6 +210,21 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"{_check(s['captures_gain'])} | {_check(s['knows_why'])} | "
             f"{'**yes**' if s['meets_bar'] else 'no'} |"
         )
+    reliable = {
+        sc["name"]: sc["truth_reliability"]
+        for sc in report["scenarios"]
+        if sc.get("truth_reliability") is not None
+    }
+    if reliable:
+        ceilings = [math.sqrt(r) if r > 0 else 0.0 for r in reliable.values()]
+        lines += [
+            "",
+            "How far the ground truth itself reproduces (leave-one-out reliability per scenario, "
+            "below): "
+            + ", ".join(f"{name} {r:+.2f}" for name, r in reliable.items())
+            + f". The mean of their square roots, {statistics.fmean(ceilings):.2f}, is about "
+            "the highest mean Spearman a credit could reach against it.",
+        ]
     for sc in report["scenarios"]:
         lines += ["", f"## Scenario `{sc['name']}`", ""]
         if sc["status"] != "ran":
@@ -228,6 +243,15 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"{_pts(oracle['gain'])} {unit}.",
             "",
         ]
+        reliability = sc.get("truth_reliability")
+        if reliability is not None:
+            ceiling = math.sqrt(reliability) if reliability > 0 else 0.0
+            lines += [
+                f"Leave-one-out reliability {reliability:+.2f} (the Spearman correlation of its "
+                "ranking with one from as many other seeds, split-half over seeds, "
+                f"Spearman–Brown): a credit's Spearman with it can reach about {ceiling:.2f}.",
+                "",
+            ]
         has_relevance = any(src.get("relevance") is not None for src in sc["sources"])
         head = "| source | what it is | "
         head += "relevance | " if has_relevance else ""

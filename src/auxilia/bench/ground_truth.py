@@ -23,6 +23,7 @@ oracle's subset is one of them (e.g. all sources, or the target alone).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import statistics
 from collections.abc import Mapping, Sequence
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from auxilia.bench.aggregate import spearman
 from auxilia.bench.cache import RecordCache
 from auxilia.bench.scenarios import Scenario
 
@@ -102,6 +104,48 @@ def group_truth(
                 add.append(only - alone)
         out[g] = GroupTruth(loo, add)
     return out
+
+
+def loo_reliability(
+    groups: Sequence[str], values: Mapping[int, Mapping[tuple[str, ...], float]]
+) -> float | None:
+    """How well the leave-one-out ranking of the groups reproduces over seeds, in [-1, 1].
+
+    The seeds with every leave-one-out run are split into two halves in every way (sizes
+    ⌊n/2⌋ and ⌈n/2⌉); the mean Spearman correlation of the halves' mean values is stepped up
+    to the whole set with the Spearman–Brown formula, 2r / (1 + r): the expected correlation of
+    this ranking with one from as many other seeds. No credit can agree with the measured
+    truth much beyond its square root (classical test theory: a perfect measure's correlation
+    with a noisy one). None with fewer than 4 such seeds or 3 groups, or where no split has a
+    defined correlation (every group tied).
+    """
+    named = subsets(groups)
+    ordered = sorted(groups)
+    per_seed = []
+    for by_subset in values.values():
+        full = by_subset.get(named["all"])
+        without = [by_subset.get(named[f"without:{g}"]) for g in ordered]
+        if full is not None and all(w is not None for w in without):
+            per_seed.append([full - w for w in without if w is not None])
+    n = len(per_seed)
+    if n < 4 or len(ordered) < 3:
+        return None
+    correlations = []
+    for first in itertools.combinations(range(n), n // 2):
+        if 0 not in first and n % 2 == 0:
+            continue  # each even split once: its halves swapped give the same correlation
+        second = [i for i in range(n) if i not in first]
+        means = [
+            [statistics.fmean(per_seed[i][g] for i in half) for g in range(len(ordered))]
+            for half in (first, second)
+        ]
+        r = spearman(means[0], means[1])
+        if r is not None:
+            correlations.append(r)
+    if not correlations:
+        return None
+    half = statistics.fmean(correlations)
+    return -1.0 if half <= -1.0 else max(-1.0, 2.0 * half / (1.0 + half))
 
 
 def oracle_subset(truth: Mapping[str, GroupTruth]) -> tuple[str, ...]:

@@ -45,6 +45,7 @@ from auxilia.bench.ground_truth import (
     GroundTruthCache,
     cache_key,
     group_truth,
+    loo_reliability,
     oracle_subset,
     subsets,
     truth_json,
@@ -431,6 +432,7 @@ def aggregate_scenario(
             "std": std(oracle_values),
             "gain": delta(oracle_mean),
         },
+        "truth_reliability": loo_reliability(state.groups, signed),
         "rows": rows,
     }
 
