@@ -164,7 +164,6 @@ class Trainer:
             model=self.model,
         )
         self.step_layout = step_layout
-        self.copies_rows = step_layout.copies_rows
         self.engine = Engine(
             self.model if step_layout.gives_module else self.model.parameters(),
             strategy=strategy,
@@ -190,6 +189,11 @@ class Trainer:
         self.ledger = Ledger(self.names)
         self.coefficients = torch.ones(len(self.names), dtype=torch.float64)
         self.config = dict(config) if config is not None else self.describe()
+
+    @property
+    def copies_rows(self) -> bool:
+        """Whether each step copies the target's rows once per task (``one_row_per_loss``)."""
+        return self.step_layout.copies_rows
 
     def _step_params(self, batch: Batch) -> list[torch.Tensor]:
         """The parameters a step can change: the trunk's and those of the heads in the batch.
