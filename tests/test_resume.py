@@ -279,7 +279,10 @@ def test_task_sources_beside_datasets_copy_the_target_rows(tmp_path: Path) -> No
         summary = trainer.engine_summary()
         assert summary["copies_target_rows"]
         assert summary["mode"] == "ghost"
-        assert "the target's rows copied once per task (24 → 32 rows a step)" in summary["why"]
+        assert (
+            "the target's rows copied once per task (24 → 32 rows with every source drawn)"
+            in summary["why"]
+        )
     dropout = {"model": {"params": {"hidden": [16], "dropout": 0.1}}}
     config = write_tiny_problem(tmp_path, {**dropout, "train": {"engine_mode": "ghost"}})
     with pytest.raises(ConfigError, match=r"'ghost' needs one loss per row.*Dropout, p=0.1"):
@@ -302,7 +305,8 @@ def test_task_sources_beside_datasets_copy_the_target_rows(tmp_path: Path) -> No
         assert (trainer.copies_rows, trainer.engine.mode.name) == (copies, name)
         if mode == "auto":
             assert trainer.engine_summary()["why"].endswith(
-                "copying them per task (8 → 16 rows a step) would cost more than batched"
+                "copying them per task (8 → 16 rows with every source drawn) "
+                "would cost more than batched"
             )
 
 

@@ -104,7 +104,9 @@ def choose_layout(
         and Need.VALIDATION not in measured
     )
     rows, copied = step_rows(target, sources)
-    copy = f"the target's rows copied once per task ({rows} → {copied} rows a step)"
+    copy = (
+        f"the target's rows copied once per task ({rows} → {copied} rows with every source drawn)"
+    )
     if mode in ("ghost", "sketch"):
         interaction = rows_interact(model)
         if interaction is not None:
@@ -141,6 +143,6 @@ def choose_layout(
         "partitioned",
         False,
         False,
-        f"{shared}: copying them per task ({rows} → {copied} rows a step) would cost more "
-        f"than {alternative}",
+        f"{shared}: copying them per task ({rows} → {copied} rows with every source drawn) "
+        f"would cost more than {alternative}",
     )
