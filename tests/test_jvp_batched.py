@@ -702,6 +702,16 @@ def test_the_timed_path_is_kept_across_a_checkpoint() -> None:
     assert isinstance(later.runner, JvpRunner)
     assert later.runner.batched is None
     assert later.runner.batched_path == runner.path
+    # ... and the batched it starts where at most two sources are present takes that path.
+    two = Model("mlp", 4, seed=8, aux_only=False)
+    x, y, ids = make_batches("mlp", "partitioned", 4, [[0, 0, 2, 2]], seed=8)[0]
+    pair = Engine(two, strategy=strategies.olaux(), num_sources=4, shared=two.shared(), mode="jvp")
+    pair.load_state_dict({**pair.state_dict(), "batched_path": "loop"})
+    pair.backward(losses_of(two, "partitioned", x, y, ids), ids)
+    assert isinstance(pair.runner, JvpRunner)
+    assert pair.runner.batched is not None
+    assert pair.runner.batched.path == "loop"
+    assert pair.runner.batched.timings == {"vmap": [], "loop": []}
     with pytest.raises(EngineError, match="unknown batched path 'fast'"):
         resumed.load_state_dict({**state, "batched_path": "fast"})
 
