@@ -153,6 +153,11 @@ def standing(
 # ---- Markdown ------------------------------------------------------------------------------
 
 
+def _ceiling(reliability: float) -> float:
+    """About the highest Spearman a credit can reach against a truth of this reliability."""
+    return math.sqrt(reliability) if reliability > 0 else 0.0
+
+
 def _num(value: float | None, fmt: str = "{:.3f}") -> str:
     return "n/a" if value is None else fmt.format(value)
 
@@ -216,7 +221,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         if sc.get("truth_reliability") is not None
     }
     if reliable:
-        ceilings = [math.sqrt(r) if r > 0 else 0.0 for r in reliable.values()]
+        ceilings = [_ceiling(r) for r in reliable.values()]
         lines += [
             "",
             "How far the ground truth itself reproduces (leave-one-out reliability per scenario, "
@@ -245,7 +250,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         ]
         reliability = sc.get("truth_reliability")
         if reliability is not None:
-            ceiling = math.sqrt(reliability) if reliability > 0 else 0.0
+            ceiling = _ceiling(reliability)
             lines += [
                 f"Leave-one-out reliability {reliability:+.2f} (the Spearman correlation of its "
                 "ranking with one from as many other seeds, split-half over seeds, "

@@ -104,9 +104,8 @@ def choose_layout(
         and Need.VALIDATION not in measured
     )
     rows, copied = step_rows(target, sources)
-    copy = (
-        f"the target's rows copied once per task ({rows} → {copied} rows with every source drawn)"
-    )
+    counts = f"({rows} → {copied} rows with every source drawn)"
+    copy = f"the target's rows copied once per task {counts}"
     if mode in ("ghost", "sketch"):
         interaction = rows_interact(model)
         if interaction is not None:
@@ -143,6 +142,5 @@ def choose_layout(
         "partitioned",
         False,
         False,
-        f"{shared}: copying them per task ({rows} → {copied} rows with every source drawn) "
-        f"would cost more than {alternative}",
+        f"{shared}: copying them per task {counts} would cost more than {alternative}",
     )
