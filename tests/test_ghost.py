@@ -712,6 +712,55 @@ def test_attention_calls_match_exact(style: str, batch_first: bool) -> None:
     compare(make, lambda m: m.losses(tokens), IDS, 3)  # type: ignore[operator]
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("style", ["default", "causal-bool", "float-masks"])
+def test_attention_with_dropout_at_work_matches_exact(style: str, batch_first: bool) -> None:
+    """Self-attention in training mode (dropout 0.3 drawing masks) through the projections'
+    factors: the replay draws the forward's own mask, so statistics and .grad are exact's.
+    Both runs seed the generator before their forward, so they draw the same masks."""
+    tokens = torch.randint(0, 9, (8, 4), generator=torch.Generator().manual_seed(2))
+
+    def losses(m: nn.Module) -> torch.Tensor:
+        torch.manual_seed(5)
+        return m.losses(tokens)  # type: ignore[operator, no-any-return]
+
+    compare(lambda: AttentionCalls(style, batch_first).train(), losses, IDS, 3, steps=2)
+
+
+def test_attention_dropout_replay_leaves_the_random_stream_alone() -> None:
+    """Replaying the dropout mask puts the generator back: the draws after a ghost step are
+    those after an exact step on the same forward."""
+    tokens = torch.randint(0, 9, (8, 4), generator=torch.Generator().manual_seed(2))
+    after = {}
+    for mode in ("ghost", "exact"):
+        torch.manual_seed(11)
+        model = AttentionCalls("default", True).train()
+        run(model, lambda m: m.losses(tokens), IDS, 3, mode)  # type: ignore[operator]
+        after[mode] = torch.rand(4)
+    torch.testing.assert_close(after["ghost"], after["exact"], rtol=0, atol=0)
+
+
+def test_transformer_encoder_layer_in_training_mode_matches_exact() -> None:
+    """``nn.TransformerEncoderLayer`` with its default dropout (0.1, in the attention and
+    after it), in training mode, the layout a user trains: ghost agrees with exact."""
+
+    class Layer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(9, 8)
+            self.layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+            self.out = nn.Linear(8, 2)
+            self.to(F64)
+            randomise(self, 3)
+
+        def losses(self, tokens: torch.Tensor) -> torch.Tensor:
+            torch.manual_seed(7)
+            return (self.out(self.layer(self.embed(tokens)).mean(1)) ** 2).sum(1)
+
+    tokens = torch.randint(0, 9, (8, 5), generator=torch.Generator().manual_seed(4))
+    compare(lambda: Layer().train(), lambda m: m.losses(tokens), IDS, 3, steps=2)  # type: ignore[operator]
+
+
 def test_attention_unit_takes_the_projection_route() -> None:
     """A plain self-attention call gives linear factors (no per-sample replay under vmap)."""
     from auxilia.engine.capture import AttentionUnit

@@ -23,10 +23,11 @@ One backward
       statistics of an input that needs no gradient): the affine gradients x̂ ⊙ b and b, summed
       over positions, with x̂ recomputed from the recorded input;
     * ``nn.MultiheadAttention`` called as self-attention on the samples (packed in-projection,
-      no ``bias_k``/``bias_v``, no dropout at work; attention masks [T, T] and padding masks,
-      boolean or additive; per-head masks take the per-source path): the in-projection and
-      ``out_proj`` as linear layers, on the recorded input and on the context from one replay
-      of the attention core (:class:`AttentionUnit`); other calls take the route below;
+      no ``bias_k``/``bias_v``; attention masks [T, T] and padding masks, boolean or additive;
+      per-head masks take the per-source path): the in-projection and ``out_proj`` as linear
+      layers, on the recorded input and on the context from one replay of the attention core
+      (:class:`AttentionUnit`), which redraws the forward's own dropout mask; other calls take
+      the route below;
     * every other module owning shared parameters (a custom layer, a raw ``nn.Parameter`` used
       in a parent's forward): exact per-sample gradients of that module's own
       parameters with ``torch.func`` — ``functional_call`` replayed per sample under ``vmap``,
@@ -65,9 +66,10 @@ The hooks are removed by :meth:`Capture.close` (``Engine.close()``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -115,6 +117,9 @@ class Call:
     autocast: tuple[str, bool, torch.dtype]
     batch_stats: bool = False  # BatchNorm normalised with the batch's own statistics
     self_attention: bool = False  # MultiheadAttention called with query is key is value
+    # The random number generator's state when the call began (attention with dropout at work:
+    # the replay of its core draws the same dropout mask from it).
+    rng: torch.Tensor | None = None
 
 
 @dataclass
@@ -554,10 +559,30 @@ class AttentionUnit(FunctionalUnit):
     projected q, k, v) and ``out_proj`` one on the attention's context (b: the output's
     gradient). The context and the projections' gradient come from one replay of the
     attention core (q kᵀ/√d, masks, softmax, ·v) on the recorded input, with no ``vmap``.
+    Dropout at work (training mode, ``dropout`` > 0) is replayed exactly: the generator's
+    state is kept when the call begins (``begin``, a forward pre-hook) and the replay draws
+    the same mask from it, in the order the module's forward draws it (its ``need_weights``
+    path), then puts the generator back, so the user's random stream is not disturbed.
     Calls this does not cover (cross-attention, separate q/k/v weights, ``bias_k``/``bias_v``,
-    ``add_zero_attn``, dropout in training mode, attention weights that receive a gradient,
-    rows that are not the samples) take the exact ``torch.func`` route of the parent class.
+    ``add_zero_attn``, attention weights that receive a gradient, rows that are not the
+    samples) take the exact ``torch.func`` route of the parent class.
     """
+
+    pending_rng: torch.Tensor | None = None  # the generator's state at the current call's start
+
+    def dropping(self) -> bool:
+        """Whether the module's calls draw a dropout mask."""
+        m = self.module
+        assert isinstance(m, nn.MultiheadAttention)
+        return m.training and m.dropout > 0.0
+
+    def begin(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Before the module's forward: keep the generator's state if dropout will draw."""
+        self.pending_rng = None
+        if self.dropping():
+            x = _mha_arguments(args, kwargs).get("query")
+            if isinstance(x, torch.Tensor):
+                self.pending_rng = _rng_state(x.device)
 
     def record(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Call | None:
         call = super().record(args, kwargs, output)
@@ -567,6 +592,8 @@ class AttentionUnit(FunctionalUnit):
             call.self_attention = (
                 isinstance(q, torch.Tensor) and q is bound.get("key") and q is bound.get("value")
             )
+            call.rng = self.pending_rng if self.dropping() else None
+        self.pending_rng = None
         return call
 
     def covered(self, call: Call, cotangents: list[torch.Tensor], n: int) -> bool:
@@ -577,7 +604,7 @@ class AttentionUnit(FunctionalUnit):
             return False
         if m.bias_k is not None or m.bias_v is not None or m.add_zero_attn:
             return False
-        if m.training and m.dropout > 0.0:
+        if self.dropping() and call.rng is None:
             return False
         if self.batch_dims(call, n) is None:
             return False
@@ -622,16 +649,30 @@ class AttentionUnit(FunctionalUnit):
         heads, dim = m.num_heads, width // m.num_heads
         mask = _attention_mask(bound, n, length, x)
         device, enabled, dtype = call.autocast
+        dropout = m.dropout if call.rng is not None else 0.0
         self.replay(True)
         try:
-            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            with (
+                torch.enable_grad(),
+                torch.autocast(device, dtype=dtype, enabled=enabled),
+                _generator_at(call.rng, x.device),
+            ):
                 projected = F.linear(x, m.in_proj_weight.detach(), _detach(m.in_proj_bias))
                 projected = projected.detach().requires_grad_(True)
                 q, k, v = (
                     t.reshape(n, length, heads, dim).transpose(1, 2)
                     for t in projected.chunk(3, dim=-1)
                 )
-                context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                if dropout and bound.get("need_weights", True):
+                    # The module's own path when it returns the weights: softmax, then dropout
+                    # on the weights (the same draws as its forward made).
+                    scores = (q * dim**-0.5) @ k.transpose(-2, -1)
+                    weights = torch.softmax(scores if mask is None else scores + mask, dim=-1)
+                    context = F.dropout(weights, p=dropout) @ v
+                else:
+                    context = F.scaled_dot_product_attention(
+                        q, k, v, attn_mask=mask, dropout_p=dropout
+                    )
                 context = context.transpose(1, 2).reshape(n, length, width)
                 grad_context = grad_out.to(context.dtype) @ m.out_proj.weight.detach().to(
                     context.dtype
@@ -644,6 +685,29 @@ class AttentionUnit(FunctionalUnit):
 
 def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    """The state of the default generator that random kernels on ``device`` draw from."""
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.get_rng_state()
+
+
+@contextlib.contextmanager
+def _generator_at(state: torch.Tensor | None, device: torch.device) -> Iterator[None]:
+    """Run with the default generator of ``device`` set to ``state`` (None: untouched), and
+    put it back afterwards as it was."""
+    if state is None:
+        yield
+        return
+    now = _rng_state(device)
+    cuda = device.type == "cuda"
+    (torch.cuda.set_rng_state(state, device) if cuda else torch.set_rng_state(state))
+    try:
+        yield
+    finally:
+        (torch.cuda.set_rng_state(now, device) if cuda else torch.set_rng_state(now))
 
 
 _MHA_ARGUMENTS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
@@ -1014,6 +1078,11 @@ class Capture:
             self.handles.append(
                 unit.module.register_forward_hook(self._hook(unit), with_kwargs=True, prepend=True)
             )
+            if isinstance(unit, AttentionUnit):
+                self.handles.append(
+                    # Appended: it runs last before the forward, after any earlier pre-hook.
+                    unit.module.register_forward_pre_hook(self._begin(unit), with_kwargs=True)
+                )
         for name, module in self.module.named_modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 self.handles.append(module.register_forward_hook(self._guard(name)))
@@ -1034,6 +1103,14 @@ class Capture:
                     self.autocast_seen = True
 
         return hook
+
+    def _begin(self, unit: AttentionUnit) -> Callable[..., None]:
+        def pre_hook(module: nn.Module, args: Any, kwargs: Any) -> None:
+            if self.replaying or not torch.is_grad_enabled():
+                return
+            unit.begin(tuple(args), dict(kwargs))
+
+        return pre_hook
 
     def _guard(self, name: str) -> Callable[..., None]:
         def guard(module: nn.Module, args: Any, output: Any) -> None:
