@@ -31,6 +31,7 @@ from per_sample_models import (
     MLP,
     ConvSpec,
     Encoder,
+    assert_matches,
     cnn_batch,
     compare,
     encoder_batch,
@@ -447,6 +448,67 @@ def test_error_fallback_module_with_dropout_in_training() -> None:
     model.eval()  # deterministic: the fallback works
     x = torch.randn(6, 3, dtype=F64)
     compare(lambda: model, lambda m: m(x).squeeze(1) ** 2, IDS[:6], 3)
+
+
+class DroppingBlock(nn.Module):
+    """A custom layer (own parameter, so replayed with torch.func) with an ``nn.Dropout``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(-1.0, 1.0, 9, dtype=F64).view(3, 3))
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.drop(x @ self.weight))
+
+
+def _dropping_losses(model: nn.Module) -> torch.Tensor:
+    torch.manual_seed(3)  # the same masks in every run
+    x = torch.linspace(-2.0, 2.0, 24, dtype=F64).view(8, 3)
+    return model(x).squeeze(1) ** 2
+
+
+def test_ghost_names_a_replayed_module_with_dropout_before_the_backward() -> None:
+    """Forced ``ghost``: a replayed module with an ``nn.Dropout`` at work is refused before
+    anything is computed, naming both; the graph is left for another backward."""
+    from auxilia.errors import ModeUnavailableError
+
+    model = nn.Sequential(DroppingBlock(), nn.Linear(3, 1)).to(F64).train()
+    engine = _engine(model)
+    losses = _dropping_losses(model)
+    with pytest.raises(
+        ModeUnavailableError, match=r"module '0' \(DroppingBlock\).*'0.drop' \(Dropout, p=0.3\)"
+    ):
+        engine.backward(losses, IDS)
+    losses.sum().backward()  # the graph was not consumed
+    assert model[0].weight.grad is not None
+
+
+def test_auto_mode_leaves_ghost_for_a_replayed_module_with_dropout() -> None:
+    """``mode="auto"``: the step ghost cannot measure is measured by the next mode that serves
+    the strategy (``batched`` for the norms, ``jvp`` for the target row alone), with one
+    warning; statistics and .grad are exact's on the same masks."""
+
+    def make() -> nn.Module:
+        return nn.Sequential(DroppingBlock(), nn.Linear(3, 1)).to(F64).train()
+
+    for extra, expected in (({Need.TARGET_ROW, Need.NORMS}, "batched"), ({Need.TARGET_ROW}, "jvp")):
+        with pytest.warns(
+            UserWarning,
+            match=r"engine mode auto: ghost replays module '0'.*: " + expected + " instead",
+        ):
+            got = run(make(), _dropping_losses, IDS, 3, "auto", extra=extra, steps=2)
+        want = run(make(), _dropping_losses, IDS, 3, "exact", extra=extra, steps=2)
+        assert_matches(got, want, 1e-10)
+    model = make()
+    engine = Engine(model, strategy=strategies.gcs(), num_sources=3)
+    assert engine.mode.name == "ghost"
+    with pytest.warns(UserWarning, match="batched instead"):
+        engine.backward(_dropping_losses(model), IDS)
+    assert engine.mode.name == "batched"
+    assert engine.fallback is not None
+    assert "'0.drop' (Dropout, p=0.3)" in engine.fallback
+    assert any(note.startswith("auto: ghost replays") for note in engine.path()[1])
 
 
 def test_error_sparse_embedding() -> None:

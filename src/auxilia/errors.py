@@ -29,6 +29,11 @@ class EngineError(AuxiliaError):
     """The gradient engine was given inconsistent inputs (shapes, source ids, modes)."""
 
 
+class ModeUnavailableError(EngineError):
+    """An engine mode cannot measure this model; raised before anything was computed, so that
+    ``mode="auto"`` can measure the step with another mode."""
+
+
 class NonFiniteSourceError(EngineError):
     """The engine found a source's mean loss NaN or infinite."""
 

@@ -83,7 +83,7 @@ from auxilia.engine.exact import accumulate, gradient_statistics, measure_exact
 from auxilia.engine.factors import F64, Dense2D, EmbeddingRows, Factor, PerSample, gram_of
 from auxilia.engine.mode import ModeContext
 from auxilia.engine.source_losses import SourceLosses
-from auxilia.errors import EngineError
+from auxilia.errors import EngineError, ModeUnavailableError
 from auxilia.statistics import Need, Statistics
 
 _GRAM = frozenset({Need.GRAM})
@@ -169,6 +169,11 @@ class Unit:
 
     def dtype(self) -> torch.dtype:
         return compute_dtype(next(iter(self.params.values())).dtype)
+
+    def replay_draws(self, call: Call, n: int) -> str | None:
+        """What draws random numbers in a replay this call would need (None: no replay, or a
+        deterministic one). Factored layers are never replayed."""
+        return None
 
 
 class LinearUnit(Unit):
@@ -463,6 +468,10 @@ class FunctionalUnit(Unit):
     def per_sample(self, call: Call, n: int) -> bool:
         return self.batch_dims(call, n) is not None
 
+    def replay_draws(self, call: Call, n: int) -> str | None:
+        """Dropout at work inside the module: its per-sample replay cannot redraw the mask."""
+        return _drawing(self.name, self.module)
+
     def grads(
         self, call: Call, cotangents: list[torch.Tensor], rows: int, per_sample: bool
     ) -> dict[str, torch.Tensor]:
@@ -596,8 +605,9 @@ class AttentionUnit(FunctionalUnit):
         self.pending_rng = None
         return call
 
-    def covered(self, call: Call, cotangents: list[torch.Tensor], n: int) -> bool:
-        """Whether the replay covers this call exactly."""
+    def projects(self, call: Call, n: int) -> bool:
+        """Whether the call takes the projection route, as far as is known before the backward
+        (:meth:`covered` adds the attention weights' gradient)."""
         m = self.module
         assert isinstance(m, nn.MultiheadAttention)
         if not (call.self_attention and m._qkv_same_embed_dim and m.in_proj_weight is not None):
@@ -606,11 +616,18 @@ class AttentionUnit(FunctionalUnit):
             return False
         if self.dropping() and call.rng is None:
             return False
-        if self.batch_dims(call, n) is None:
+        return self.batch_dims(call, n) is not None
+
+    def covered(self, call: Call, cotangents: list[torch.Tensor], n: int) -> bool:
+        """Whether the replay covers this call exactly."""
+        if not self.projects(call, n):
             return False
         # The attention weights' gradient, when they were returned and used, is not covered.
         used = [bool(c.any()) for j, c in zip(call.leaves, cotangents, strict=True) if j != 0]
         return not any(used)
+
+    def replay_draws(self, call: Call, n: int) -> str | None:
+        return None if self.projects(call, n) else super().replay_draws(call, n)
 
     def factors(
         self, items: list[tuple[Call, list[torch.Tensor]]], rows: int, per_sample: bool
@@ -685,6 +702,24 @@ class AttentionUnit(FunctionalUnit):
 
 def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
+
+
+def _drawing(name: str, module: nn.Module) -> str | None:
+    """The first submodule of ``module`` that draws a dropout mask in its forward, named."""
+    for sub_name, sub in module.named_modules():
+        if not sub.training:
+            continue
+        p = (
+            sub.p
+            if isinstance(sub, nn.modules.dropout._DropoutNd)
+            else sub.dropout
+            if isinstance(sub, nn.MultiheadAttention)
+            else 0.0
+        )
+        if p > 0.0:
+            full = ".".join(part for part in (name, sub_name) if part) or "<root>"
+            return f"'{full}' ({type(sub).__name__}, p={p:g})"
+    return None
 
 
 def _rng_state(device: torch.device) -> torch.Tensor:
@@ -1168,9 +1203,11 @@ class Capture:
 
     # ---- one step -----------------------------------------------------------------------
 
-    def check(self) -> None:
+    def check(self, n: int) -> None:
         """Raise (dropping the recorded calls) if this step's calls cannot be measured: samples
-        coupled by batch statistics, or an input changed in place since its call."""
+        coupled by batch statistics, an input changed in place since its call, or a module to
+        be replayed per sample that draws dropout masks (:class:`ModeUnavailableError`: nothing has
+        been computed, another mode can take the step). ``n``: the step's samples."""
         coupled = self.coupled
         if coupled:
             self.clear()
@@ -1189,6 +1226,17 @@ class Capture:
                             f"the input of module {unit.label} was modified in place after the "
                             f"call; engine mode '{self.mode}' needs it as it was"
                         )
+        for unit in self.units:
+            for call in unit.calls:
+                drawing = unit.replay_draws(call, n)
+                if drawing is not None:
+                    self.clear()
+                    raise ModeUnavailableError(
+                        f"engine mode '{self.mode}' replays module {unit.label} per sample "
+                        f"with torch.func, and {drawing} draws a dropout mask there in "
+                        "training mode, which a replay cannot redraw; use mode='auto' or "
+                        "'exact', or put that module in eval mode"
+                    )
 
     def collect(self, batch: SourceLosses) -> Step:
         """Take the recorded calls and run the backward pass(es); the graph is freed.

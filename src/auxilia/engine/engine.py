@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
@@ -27,9 +28,9 @@ from auxilia.engine.mode import (
     Mode,
     ModeContext,
 )
-from auxilia.engine.modes import resolve_mode
+from auxilia.engine.modes import MODES, PREFERENCE, mode_reason, resolve_mode
 from auxilia.engine.source_losses import SourceLosses, split_by_source, split_by_task
-from auxilia.errors import EngineError
+from auxilia.errors import EngineError, ModeUnavailableError
 from auxilia.statistics import Need, Statistics
 from auxilia.strategies.base import State, Strategy
 
@@ -114,6 +115,8 @@ class Engine:
             )
         mode_needs = statistics_to_measure(self.needs)
         self.mode = resolve_mode(mode, layout, mode_needs, self.module is not None)
+        self._auto = mode == "auto"
+        self.fallback: str | None = None  # why ``auto`` left its first choice, once it did
         self._mode_needs = mode_needs - {Need.VALIDATION, Need.TARGET_EMA, Need.TARGET_EMA_NORM}
         if distributed is None:
             distributed = distributed_world() > 1
@@ -123,7 +126,8 @@ class Engine:
                 "engine mode 'sketch' estimates statistics per process and is not supported "
                 "across processes; use 'auto', 'ghost' or 'exact'"
             )
-        self.runner = self.mode.start(ModeContext(self.module, self.params, self.shared, layout))
+        self._context = ModeContext(self.module, self.params, self.shared, layout)
+        self.runner = self.mode.start(self._context)
         self.strategy_state: State = strategy.init(num_sources)
         self.ema: list[torch.Tensor] | None = None
         self.step = 0
@@ -147,12 +151,12 @@ class Engine:
         batch = self._split(losses, source_ids, validation)
         measurement: Measurement
         if self.collectives is None:
-            measurement = self.runner.measure(batch, self._mode_needs)
+            measurement = self._measure(batch)
         else:
             reduced: GlobalLosses = globalise_losses(
                 self.collectives, batch, self.layout, self._names(batch)
             )
-            local = self.runner.measure(reduced.batch, self._mode_needs)
+            local = self._measure(reduced.batch)
             measurement = globalise(
                 self.collectives,
                 local,
@@ -185,6 +189,41 @@ class Engine:
         self.step += 1
         self.last_statistics = stats
         return alpha
+
+    def _measure(self, batch: SourceLosses) -> Measurement:
+        """The runner's measurement; under ``mode="auto"``, a mode that finds it cannot measure
+        this model (before computing anything) hands the step to the next one that can."""
+        try:
+            return self.runner.measure(batch, self._mode_needs)
+        except ModeUnavailableError as error:
+            if not self._auto:
+                raise
+            self._fall_back(error)
+            return self._measure(batch)
+
+    def _fall_back(self, error: ModeUnavailableError) -> None:
+        """Leave the current mode for the next in ``auto``'s order that serves the needs."""
+        order = PREFERENCE[self.layout]
+        later = order[order.index(self.mode.name) + 1 :] if self.mode.name in order else ()
+        needs = statistics_to_measure(self.needs)
+        mode = next(
+            (
+                MODES[name]
+                for name in later
+                if mode_reason(MODES[name], self.layout, needs, self.module is not None) is None
+            ),
+            None,
+        )
+        if mode is None:
+            raise error
+        self.runner.close()
+        reason = (
+            str(error).split(", which", 1)[0].replace(f"engine mode '{self.mode.name}' ", "", 1)
+        )
+        self.fallback = f"{self.mode.name} {reason}: {mode.name} instead"
+        warnings.warn(f"engine mode auto: {self.fallback}", stacklevel=4)
+        self.mode = mode
+        self.runner = mode.start(self._context)
 
     def _split(
         self,
@@ -287,7 +326,7 @@ class Engine:
         (None, []) for a mode that has no such choice, or before the choice is made."""
         runner: Any = self.runner
         path: list[str] = []
-        notes = []
+        notes = [] if self.fallback is None else [f"auto: {self.fallback}"]
         if isinstance(runner, JvpRunner) and runner.batched is not None:
             path.append("via batched")
             if runner.failure is not None:

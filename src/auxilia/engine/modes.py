@@ -27,7 +27,8 @@ PREFERENCE: dict[Layout, tuple[str, ...]] = {
 LOSSES_ONLY: tuple[str, ...] = ("jvp", "exact")
 
 
-def _why_not(mode: Mode, layout: Layout, needs: frozenset[Need], has_module: bool) -> str | None:
+def mode_reason(mode: Mode, layout: Layout, needs: frozenset[Need], has_module: bool) -> str | None:
+    """Why ``mode`` cannot serve ``needs`` in ``layout`` (None: it can)."""
     if layout not in mode.layouts:
         return f"it works on the {' and '.join(sorted(mode.layouts))} layout, not {layout}"
     missing = needs - mode.provides
@@ -52,7 +53,7 @@ def resolve_mode(
     """The mode called ``name`` (or given as a :class:`Mode`, e.g. ``sketch(dim=64)``), checked
     against the layout and needs; for ``auto`` the fastest that fits."""
     if isinstance(name, Mode):
-        reason = _why_not(name, layout, needs, has_module)
+        reason = mode_reason(name, layout, needs, has_module)
         if reason is not None:
             raise EngineError(f"engine mode '{name.name}' cannot be used here: {reason}")
         return name
@@ -60,14 +61,14 @@ def resolve_mode(
         order = LOSSES_ONLY if needs <= {Need.LOSSES} else PREFERENCE[layout]
         for candidate in order:
             mode = MODES.get(candidate)
-            if mode is not None and _why_not(mode, layout, needs, has_module) is None:
+            if mode is not None and mode_reason(mode, layout, needs, has_module) is None:
                 return mode
         raise EngineError(f"no engine mode can compute {sorted(n.value for n in needs)}")
     unknown = unknown_mode(name)
     if unknown is not None:
         raise EngineError(unknown)
     mode = MODES[name]
-    reason = _why_not(mode, layout, needs, has_module)
+    reason = mode_reason(mode, layout, needs, has_module)
     if reason is not None:
         raise EngineError(f"engine mode '{name}' cannot be used here: {reason}")
     return mode

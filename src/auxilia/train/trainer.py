@@ -520,5 +520,7 @@ class Trainer:
             "layout": self.engine.layout,
             "copies_target_rows": self.copies_rows,
             "path": path,
-            "why": self.step_layout.reason,
+            "why": "; ".join(
+                r for r in (self.step_layout.reason, self.engine.fallback) if r is not None
+            ),
         }
