@@ -495,7 +495,8 @@ def test_auto_mode_leaves_ghost_for_a_replayed_module_with_dropout() -> None:
     for extra, expected in (({Need.TARGET_ROW, Need.NORMS}, "batched"), ({Need.TARGET_ROW}, "jvp")):
         with pytest.warns(
             UserWarning,
-            match=r"engine mode auto: ghost replays module '0'.*: " + expected + " instead",
+            match=r"engine mode auto: ghost cannot measure this model \('0.drop' \(Dropout, "
+            r"p=0.3\) draws a dropout mask inside '0' \(DroppingBlock\).*\): " + expected,
         ):
             got = run(make(), _dropping_losses, IDS, 3, "auto", extra=extra, steps=2)
         want = run(make(), _dropping_losses, IDS, 3, "exact", extra=extra, steps=2)
@@ -508,7 +509,68 @@ def test_auto_mode_leaves_ghost_for_a_replayed_module_with_dropout() -> None:
     assert engine.mode.name == "batched"
     assert engine.fallback is not None
     assert "'0.drop' (Dropout, p=0.3)" in engine.fallback
-    assert any(note.startswith("auto: ghost replays") for note in engine.path()[1])
+    assert any(note.startswith("auto: ghost cannot measure") for note in engine.path()[1])
+
+
+class Recurrent(nn.Module):
+    """An ``nn.LSTM`` in float32 (whose CPU kernel torch.func cannot replay per sample; it
+    can in float64) or a two-layer ``nn.GRU`` with dropout, under a linear read-out."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.rnn: nn.RNNBase = (
+            nn.LSTM(3, 4, batch_first=True)
+            if kind == "lstm"
+            else nn.GRU(3, 4, num_layers=2, dropout=0.25, batch_first=True)
+        )
+        self.out = nn.Linear(4, 1)
+        self.to(torch.float32 if kind == "lstm" else F64)
+        randomise(self, 5)
+
+    def losses(self, x: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(4)
+        h, _ = self.rnn(x.to(self.out.weight.dtype))
+        return self.out(h[:, -1]).squeeze(1) ** 2
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_a_module_torch_func_cannot_replay_is_found_before_the_backward(kind: str) -> None:
+    """The replay is tried on the first step of a call pattern, while the graph is whole:
+    forced ``ghost`` raises ``ModeUnavailableError`` naming the module (the graph is left for
+    another backward); ``auto`` moves on to the next mode and agrees with exact."""
+    from auxilia.errors import ModeUnavailableError
+
+    x = torch.linspace(-1.0, 1.0, 8 * 5 * 3, dtype=F64).view(8, 5, 3)
+    model = Recurrent(kind).train()
+    engine = _engine(model)
+    losses = model.losses(x)
+    with pytest.raises(ModeUnavailableError, match=r"module 'rnn' \((LSTM|GRU)\)"):
+        engine.backward(losses, IDS)
+    losses.sum().backward()
+    assert model.rnn.weight_hh_l0.grad is not None
+    with pytest.warns(UserWarning, match=r"'rnn' \((LSTM|GRU)\b.*: batched"):
+        got = run(Recurrent(kind).train(), lambda m: m.losses(x), IDS, 3, "auto", steps=2)  # type: ignore[operator]
+    want = run(Recurrent(kind).train(), lambda m: m.losses(x), IDS, 3, "exact", steps=2)  # type: ignore[operator]
+    assert_matches(got, want, 1e-5 if kind == "lstm" else 1e-10)
+
+
+def test_auto_mode_leaves_ghost_for_batch_norm_in_training_mode() -> None:
+    """Batch statistics couple the samples: ``auto`` measures such a model with the next mode
+    (the gradients of the source means through the coupled batch, as exact measures them)."""
+
+    def make() -> nn.Module:
+        model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).to(F64)
+        randomise(model, 8)
+        return model.train()
+
+    x = torch.linspace(-2.0, 2.0, 24, dtype=F64).view(8, 3)
+
+    def losses(m: nn.Module) -> torch.Tensor:
+        return m(x).squeeze(1) ** 2  # type: ignore[no-any-return]
+
+    with pytest.warns(UserWarning, match=r"'1' \(BatchNorm1d\) normalises with batch statistics"):
+        got = run(make(), losses, IDS, 3, "auto", steps=2)
+    assert_matches(got, run(make(), losses, IDS, 3, "exact", steps=2), 1e-10)
 
 
 def test_error_sparse_embedding() -> None:

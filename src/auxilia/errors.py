@@ -31,7 +31,11 @@ class EngineError(AuxiliaError):
 
 class ModeUnavailableError(EngineError):
     """An engine mode cannot measure this model; raised before anything was computed, so that
-    ``mode="auto"`` can measure the step with another mode."""
+    ``mode="auto"`` can measure the step with another mode. ``reason``: why, in a phrase."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class NonFiniteSourceError(EngineError):

@@ -698,7 +698,7 @@ def _ghost_breakdown(problem: Problem, repeats: int) -> dict[str, float | None]:
             with timed("plain backward"):
                 torch.autograd.grad(losses.mean(), params, retain_graph=True)
             with timed("ghost: backward to layer outputs, factors"):
-                runner.capture.check(int(losses.shape[0]))
+                runner.capture.check(int(losses.shape[0]), int(batch.present.sum()))
                 step = runner.capture.collect(batch)
             full = repeat % 2 == 0
             with timed("ghost: Gram matrix" if full else "ghost: target row and norms"):

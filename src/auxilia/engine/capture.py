@@ -714,6 +714,7 @@ def _drawing(name: str, module: nn.Module) -> str | None:
             if isinstance(sub, nn.modules.dropout._DropoutNd)
             else sub.dropout
             if isinstance(sub, nn.MultiheadAttention)
+            or (isinstance(sub, nn.RNNBase) and sub.num_layers > 1)
             else 0.0
         )
         if p > 0.0:
@@ -1106,6 +1107,7 @@ class Capture:
                     "not belong to the module given to the Engine"
                 )
         self.replaying = False
+        self.tried: set[tuple[Any, ...]] = set()  # call patterns whose replays were tried
         self.coupled: set[str] = set()
         self.autocast_seen = False
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -1203,19 +1205,23 @@ class Capture:
 
     # ---- one step -----------------------------------------------------------------------
 
-    def check(self, n: int) -> None:
-        """Raise (dropping the recorded calls) if this step's calls cannot be measured: samples
-        coupled by batch statistics, an input changed in place since its call, or a module to
-        be replayed per sample that draws dropout masks (:class:`ModeUnavailableError`: nothing has
-        been computed, another mode can take the step). ``n``: the step's samples."""
+    def check(self, n: int, width: int) -> None:
+        """Raise (dropping the recorded calls) if this step's calls cannot be measured, before
+        anything is computed: an input changed in place since its call (:class:`EngineError`),
+        or (:class:`ModeUnavailableError`, another mode can take the step) samples coupled by
+        batch statistics, a module to be replayed per sample that draws dropout masks, or one
+        whose replay fails (tried once per call pattern, with zero output gradients).
+        ``n``: the step's samples; ``width``: its present sources."""
         coupled = self.coupled
         if coupled:
             self.clear()
-            raise EngineError(
-                f"engine mode '{self.mode}': {', '.join(sorted(coupled))} normalises with batch "
+            names = ", ".join(sorted(coupled))
+            raise ModeUnavailableError(
+                f"engine mode '{self.mode}': {names} normalises with batch "
                 "statistics, which couples the samples of a batch, so per-source gradients "
                 "cannot be separated per sample. Put it in eval mode, use GroupNorm/LayerNorm, "
-                "or use mode='exact'"
+                "or use mode='auto' or 'exact'",
+                f"{names} normalises with batch statistics",
             )
         for unit in self.units:
             for call in unit.calls:
@@ -1235,8 +1241,45 @@ class Capture:
                         f"engine mode '{self.mode}' replays module {unit.label} per sample "
                         f"with torch.func, and {drawing} draws a dropout mask there in "
                         "training mode, which a replay cannot redraw; use mode='auto' or "
-                        "'exact', or put that module in eval mode"
+                        "'exact', or put that module in eval mode",
+                        f"{drawing} draws a dropout mask inside {unit.label}, replayed per sample",
                     )
+        self._try_replays(n, width)
+
+    def _try_replays(self, n: int, width: int) -> None:
+        """Replay, with zero output gradients, each call that will need ``torch.func`` on the
+        first steps of a new call pattern (as many as the check against ``exact``), so that a
+        module the replay cannot run (an ``nn.LSTM``, say) is found while the graph is whole."""
+        pending = [
+            (unit, call)
+            for unit in self.units
+            if isinstance(unit, FunctionalUnit)
+            for call in unit.calls
+            if not (isinstance(unit, AttentionUnit) and unit.projects(call, n))
+        ]
+        if not pending or len(self.tried) >= Verifier.LIMIT:
+            return
+        pattern = self.signature(n)
+        if pattern in self.tried:
+            return
+        for unit, call in pending:
+            per_sample = unit.per_sample(call, n)
+            lead = () if per_sample else (width,)
+            device = next(iter(unit.params.values())).device
+            zeros = [
+                torch.zeros((*lead, *shape), dtype=dtype, device=device)
+                for shape, dtype in zip(call.out_shapes, call.out_dtypes, strict=True)
+            ]
+            try:
+                with _generator_at(_rng_state(device), device):
+                    unit.grads(call, zeros, n if per_sample else width, per_sample)
+            except EngineError as error:
+                self.clear()
+                raise ModeUnavailableError(
+                    str(error).replace("Use mode='exact'", "Use mode='auto' or 'exact'"),
+                    f"torch.func cannot replay module {unit.label} per sample",
+                ) from error
+        self.tried.add(pattern)
 
     def collect(self, batch: SourceLosses) -> Step:
         """Take the recorded calls and run the backward pass(es); the graph is freed.

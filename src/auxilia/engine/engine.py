@@ -217,11 +217,8 @@ class Engine:
         if mode is None:
             raise error
         self.runner.close()
-        reason = (
-            str(error).split(", which", 1)[0].replace(f"engine mode '{self.mode.name}' ", "", 1)
-        )
-        self.fallback = f"{self.mode.name} {reason}: {mode.name} instead"
-        warnings.warn(f"engine mode auto: {self.fallback}", stacklevel=4)
+        self.fallback = f"{self.mode.name} cannot measure this model ({error.reason}): {mode.name}"
+        warnings.warn(f"engine mode auto: {self.fallback} instead", stacklevel=4)
         self.mode = mode
         self.runner = mode.start(self._context)
 

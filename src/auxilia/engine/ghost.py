@@ -70,7 +70,7 @@ class GhostRunner:
         self.verifier = Verifier(self.capture, context, verify)
 
     def measure(self, batch: SourceLosses, needs: frozenset[Need]) -> GhostMeasurement:
-        self.capture.check(int(batch.losses.shape[0]))
+        self.capture.check(int(batch.losses.shape[0]), int(batch.present.sum()))
         reference = self.verifier.reference(batch)
         step = self.capture.collect(batch)
         if needs & GRAM_NEEDS or reference is not None:

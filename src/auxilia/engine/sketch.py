@@ -188,7 +188,7 @@ class SketchRunner:
         return out
 
     def measure(self, batch: SourceLosses, needs: frozenset[Need]) -> SketchMeasurement:
-        self.capture.check(int(batch.losses.shape[0]))
+        self.capture.check(int(batch.losses.shape[0]), int(batch.present.sum()))
         reference = self.verifier.reference(batch)
         step = self.capture.collect(batch)
         if reference is not None:
