@@ -1129,6 +1129,17 @@ class Capture:
     def _set_replay(self, on: bool) -> None:
         self.replaying = on
 
+    @contextlib.contextmanager
+    def quiet(self) -> Iterator[None]:
+        """Record no calls while the engine's own backward passes run: a forward recomputed
+        inside them (``torch.utils.checkpoint``) is not a call of the next step."""
+        before = self.replaying
+        self.replaying = True
+        try:
+            yield
+        finally:
+            self.replaying = before
+
     def _hook(self, unit: Unit) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
             if self.replaying or not torch.is_grad_enabled():
@@ -1316,7 +1327,8 @@ class Capture:
             rows = torch.zeros(batch.num_sources, n, dtype=losses.dtype, device=device)
             rows[ids, torch.arange(n, device=device)] = weights
             rows = rows[present.to(device)]
-            grads = _batched_grad(losses, edges, rows)
+            with self.quiet():
+                grads = _batched_grad(losses, edges, rows)
             it = iter(grads)
             per_source = [[next(it) for _ in c.edges] for _, c in source_calls]
 
@@ -1325,13 +1337,14 @@ class Capture:
         inputs: list[torch.Tensor | GradientEdge] = [*edges, *silent, *self.others]
         results: Sequence[torch.Tensor | None] = []
         if inputs:
-            results = torch.autograd.grad(
-                losses,
-                cast(Any, inputs),
-                grad_outputs=weights,
-                allow_unused=True,
-                retain_graph=False,
-            )
+            with self.quiet():
+                results = torch.autograd.grad(
+                    losses,
+                    cast(Any, inputs),
+                    grad_outputs=weights,
+                    allow_unused=True,
+                    retain_graph=False,
+                )
         it_results = iter(results)
         per_sample = [[next(it_results) for _ in c.edges] for _, c in sample_calls]
         for p in silent:
@@ -1440,7 +1453,8 @@ class Verifier:
         if pattern in self.seen:
             return None
         self.seen.add(pattern)
-        exact = measure_exact(batch, self.context.params, self.context.shared, _GRAM)
+        with self.capture.quiet():
+            exact = measure_exact(batch, self.context.params, self.context.shared, _GRAM)
         gram = exact.statistics.require(Need.GRAM)
         idx = batch.present.nonzero().squeeze(1)
         return gram[idx.unsqueeze(1), idx.unsqueeze(0)]

@@ -200,6 +200,14 @@ class Engine:
                 raise
             self._fall_back(error)
             return self._measure(batch)
+        except RuntimeError as error:
+            if "use_reentrant=True" not in str(error):
+                raise
+            raise EngineError(
+                "the model runs torch.utils.checkpoint with use_reentrant=True, through which "
+                "the engine's torch.autograd.grad passes cannot go: pass use_reentrant=False "
+                "(PyTorch's recommended setting)"
+            ) from error
 
     def _fall_back(self, error: ModeUnavailableError) -> None:
         """Leave the current mode for the next in ``auto``'s order that serves the needs."""
