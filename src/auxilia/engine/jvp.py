@@ -223,10 +223,16 @@ class JvpRunner:
             target, probe, row = second_order_row(batch.mean_vector, self.shared)
         except FALLBACK_ERRORS as error:
             self.failure = f"{type(error).__name__}: {error}".splitlines()[0]
+            hint = (
+                "; a fused attention kernel has no second derivative: run the forward under "
+                "torch.nn.attention.sdpa_kernel(SDPBackend.MATH) to keep jvp"
+                if "scaled_dot_product" in self.failure
+                else ""
+            )
             warnings.warn(
                 "engine mode 'jvp': the second-order pass failed on this model "
                 f"({self.failure}); measuring through the 'batched' mode from now on "
-                "(same numbers, at a cost that grows with the number of sources)",
+                f"(same numbers, at a cost that grows with the number of sources){hint}",
                 RuntimeWarning,
                 stacklevel=3,
             )
