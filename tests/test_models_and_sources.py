@@ -25,6 +25,29 @@ def test_mlp_trunk_widths() -> None:
     assert model.heads["aux"](features).shape == (6, 2)
 
 
+def test_a_batch_norm_trunk_is_measured_in_eval_mode_and_left_as_it_was() -> None:
+    """The width probe (one sample) runs in eval mode: batch norm of one sample would fail in
+    training mode; its running statistics do not move and the trunk stays in training mode."""
+    trunk = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6)).train()
+    norm = trunk[1]
+    assert isinstance(norm, torch.nn.BatchNorm1d)
+    before = (norm.running_mean.clone(), norm.num_batches_tracked.clone())
+    model = build_model(trunk, torch.randn(4), {"t": 3})
+    assert model.heads["t"].in_features == 6
+    assert trunk.training
+    assert torch.equal(norm.running_mean, before[0])
+    assert torch.equal(norm.num_batches_tracked, before[1])
+
+
+def test_a_trunk_that_refuses_the_example_is_a_config_error() -> None:
+    class Picky(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise ValueError("expected 3 channels")
+
+    with pytest.raises(ConfigError, match=r"cannot process inputs of shape \(4,\): expected 3"):
+        build_model(Picky(), torch.randn(4), {"t": 3})
+
+
 def test_cnn_trunk_reshapes_flat_images() -> None:
     trunk = build_trunk(
         "cnn", (784,), {"channels": [4, 8], "image_shape": [1, 28, 28], "hidden": 10}
@@ -75,6 +98,27 @@ def test_trainer_accepts_a_module_as_trunk() -> None:
     )
     assert trainer.model.trunk is trunk
     assert trainer.fit()["target"]["split"] == "test"
+
+
+def test_trainer_with_a_batch_norm_trunk_measures_without_ghost_and_says_why() -> None:
+    """Datasets alone would run on ghost; a trunk normalising with batch statistics couples
+    the samples, so the engine (mode auto) measures with the next mode and the run says why."""
+    target = ax.Target("t", train=_pair(12), test=_pair(6))
+    sources = [ax.Source("more", data=_pair(16), head="target")]
+    trunk = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.ReLU())
+    trainer = ax.Trainer(
+        target,
+        sources,
+        strategy=ax.strategies.gcs(),
+        trunk=trunk,
+        settings=ax.TrainSettings(steps=3),
+        quiet=True,
+    )
+    with pytest.warns(UserWarning, match="normalises with batch statistics"):
+        trainer.fit()
+    summary = trainer.engine_summary()
+    assert summary["mode"] == "batched"
+    assert "ghost cannot measure this model ('trunk.1' (BatchNorm1d)" in summary["why"]
 
 
 def test_dataset_inputs_are_read_into_tensors() -> None:

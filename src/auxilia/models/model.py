@@ -51,15 +51,22 @@ def build_trunk(
 
 
 def feature_width(trunk: nn.Module, example: torch.Tensor) -> int:
-    """Width of the trunk's features, found by one forward pass on ``example`` (one sample)."""
+    """Width of the trunk's features, found by one forward pass on ``example`` (one sample).
+
+    The pass runs in eval mode: batch normalisation of one sample fails in training mode (and
+    would move its running statistics), dropout would draw from the run's random stream."""
+    training = trunk.training
+    trunk.eval()
     with torch.no_grad():
         try:
             out = trunk(example.unsqueeze(0))
-        except RuntimeError as error:
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:
             raise ConfigError(
                 f"model: the trunk cannot process inputs of shape {tuple(example.shape)}: "
-                f"{str(error).splitlines()[0]}"
+                f"{str(error).strip().splitlines()[0] if str(error).strip() else repr(error)}"
             ) from error
+        finally:
+            trunk.train(training)
     if out.dim() != 2:
         raise ConfigError(
             f"model: the trunk must output (batch, features), got shape {tuple(out.shape)}"
