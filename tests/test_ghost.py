@@ -482,6 +482,10 @@ def test_ghost_names_a_replayed_module_with_dropout_before_the_backward() -> Non
         engine.backward(losses, IDS)
     losses.sum().backward()  # the graph was not consumed
     assert model[0].weight.grad is not None
+    # The block uses its own parameter beside a submodule: the error says how to avoid it.
+    engine = _engine(model)
+    with pytest.raises(ModeUnavailableError, match=r"own parameters \('weight'\).*submodule"):
+        engine.backward(_dropping_losses(model), IDS)
 
 
 def test_auto_mode_leaves_ghost_for_a_replayed_module_with_dropout() -> None:

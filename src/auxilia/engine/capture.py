@@ -472,6 +472,20 @@ class FunctionalUnit(Unit):
         """Dropout at work inside the module: its per-sample replay cannot redraw the mask."""
         return _drawing(self.name, self.module)
 
+    def advice(self) -> str:
+        """For a module with submodules that owns parameters itself (a raw positional
+        embedding, a class token, a layer scale): how to keep its submodules out of the replay."""
+        if not any(True for _ in self.module.children()) or isinstance(
+            self.module, nn.MultiheadAttention
+        ):
+            return ""
+        names = ", ".join(f"'{n}'" for n in self.params)
+        return (
+            f". It is replayed whole because it uses its own parameters ({names}) in its "
+            "forward: in a small submodule of their own (an nn.Embedding for positions, say) "
+            "they are replayed alone and its other layers are measured from their factors"
+        )
+
     def grads(
         self, call: Call, cotangents: list[torch.Tensor], rows: int, per_sample: bool
     ) -> dict[str, torch.Tensor]:
@@ -1252,8 +1266,9 @@ class Capture:
                         f"engine mode '{self.mode}' replays module {unit.label} per sample "
                         f"with torch.func, and {drawing} draws a dropout mask there in "
                         "training mode, which a replay cannot redraw; use mode='auto' or "
-                        "'exact', or put that module in eval mode",
-                        f"{drawing} draws a dropout mask inside {unit.label}, replayed per sample",
+                        f"'exact', or put that module in eval mode{unit.advice()}",
+                        f"{drawing} draws a dropout mask inside {unit.label}, replayed per "
+                        f"sample{unit.advice()}",
                     )
         self._try_replays(n, width)
 
