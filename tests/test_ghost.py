@@ -26,6 +26,7 @@ from auxilia.engine.mode import ModeContext
 from auxilia.errors import EngineError
 from auxilia.statistics import Need
 from per_sample_models import (
+    ALL,
     CNN,
     F64,
     MLP,
@@ -927,6 +928,27 @@ def test_transformer_encoder_layer_in_training_mode_matches_exact() -> None:
 
     tokens = torch.randint(0, 9, (8, 5), generator=torch.Generator().manual_seed(4))
     compare(lambda: Layer().train(), lambda m: m.losses(tokens), IDS, 3, steps=2)  # type: ignore[operator]
+
+
+def test_attention_dropout_under_bfloat16_autocast_matches_exact() -> None:
+    """The replayed mask under autocast is the forward's: the Gram within the bfloat16
+    tolerance of exact's on the same masks."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.2, batch_first=True)
+    model = nn.ModuleDict({"embed": nn.Embedding(9, 16), "layer": layer, "out": nn.Linear(16, 3)})
+    tokens = torch.randint(0, 9, (8, 5), generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(8) % 3
+    grams = []
+    for mode, m in (("ghost", model), ("exact", copy.deepcopy(model))):
+        engine = Engine(m, strategy=strategies.gcs(), num_sources=3, mode=mode, extra_needs=ALL)
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = m["layer"](m["embed"](tokens)).mean(1)
+            losses = F.cross_entropy(m["out"](h).float(), labels, reduction="none")
+        engine.backward(losses, IDS)
+        assert engine.last_statistics is not None
+        grams.append(engine.last_statistics.require(Need.GRAM))
+    assert relative_error(grams[0], grams[1]) < BF16_TOL
 
 
 def test_attention_unit_takes_the_projection_route() -> None:
