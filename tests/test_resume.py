@@ -61,6 +61,12 @@ CASES = {
         "sources": DATASETS,
         "strategy": {"name": "auxinash", "params": {"update_every": 3}},
     },
+    # tasks beside datasets, copies made for ghost; ghost cannot replay the LSTM trunk, so the
+    # engine moves on to batched and the copies are dropped: both kept across the resume
+    "auto-fallback": {
+        "model": {"trunk": "tests.tiny_problem:recurrent_trunk"},
+        "strategy": {"name": "auto"},
+    },
     # task sources only, every one drawn: the shared-input layout (batched, jvp)
     "auto-tasks": {"sources": TASKS, "strategy": {"name": "auto"}},
     "projection-tasks": {
@@ -116,6 +122,7 @@ def _assert_runs_equal(resumed: Path, full: Path) -> None:
     assert metrics == expected
 
 
+@pytest.mark.filterwarnings("ignore:engine mode auto:UserWarning")  # the auto-fallback case
 @pytest.mark.parametrize("case", list(CASES))
 def test_resume_with_more_steps_is_exact(case: str, tmp_path: Path) -> None:
     problem = tmp_path / "problem"
@@ -144,6 +151,21 @@ def test_resume_with_more_steps_is_exact(case: str, tmp_path: Path) -> None:
     assert resolved == yaml.safe_load(
         (tmp_path / "full" / "config.yaml").read_text(encoding="utf-8")
     )
+
+
+def test_leaving_ghost_drops_the_copies_made_for_it(tmp_path: Path) -> None:
+    """Tasks beside datasets: the target's rows are copied for ghost, which cannot replay an
+    LSTM trunk; the engine moves on (mode auto), the copies are dropped, and the run says so."""
+    config = write_tiny_problem(tmp_path / "problem", CASES["auto-fallback"])
+    with pytest.warns(UserWarning, match=r"cannot replay module 'trunk.rnn' \(LSTM\)"):
+        results = _fit(config, tmp_path / "out")
+    engine = results["engine"]
+    assert engine["mode"] == "batched"
+    assert engine["copies_target_rows"] is False
+    assert "the target's rows copied once per task" in engine["why"]
+    assert "ghost cannot measure this model" in engine["why"]
+    assert engine["why"].index("copies dropped") < engine["why"].index("ghost cannot")
+    assert _last_checkpoint(tmp_path / "out")["engine"]["fallback"]["mode"] == "batched"
 
 
 def test_cli_resume_with_more_steps_is_exact(tmp_path: Path) -> None:

@@ -9,6 +9,8 @@ head (same rule); an ``other`` dataset with its own 2-class head (sign of featur
 ``poisoned_trunk`` is a trunk factory (``model.trunk: tests.tiny_problem:poisoned_trunk``) that
 returns NaN features for the rows of one source after a given number of training forward passes.
 
+``recurrent_trunk`` is an ``nn.LSTM`` trunk factory that ``ghost`` cannot measure.
+
 ``run_auxilia_process`` runs the real command in a subprocess; ``assert_one_line_error`` checks
 the CLI's error contract (non-zero exit, one ``error:`` line on stderr, no traceback).
 """
@@ -175,6 +177,24 @@ def poisoned_trunk(
     from auxilia.models import mlp
 
     return _Poisoned(mlp(input_shape, hidden=hidden), after, marker)
+
+
+class _Recurrent(nn.Module):
+    """The features read as a sequence of scalars by an ``nn.LSTM``; its last state."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(1, width, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x.reshape(x.shape[0], -1, 1))
+        return out[:, -1]
+
+
+def recurrent_trunk(input_shape: Sequence[int], hidden: Sequence[int] = (8,)) -> nn.Module:
+    """Trunk factory: an ``nn.LSTM`` in float32, which ``ghost`` cannot replay per sample on
+    CPU (the engine's ``auto`` mode then moves on to another mode)."""
+    return _Recurrent(hidden[-1])
 
 
 # ---- calling the command -----------------------------------------------------------------------

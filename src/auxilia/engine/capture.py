@@ -175,6 +175,10 @@ class Unit:
         deterministic one). Factored layers are never replayed."""
         return None
 
+    def advice(self) -> str:
+        """How to keep this module out of a per-sample replay ("" where there is none)."""
+        return ""
+
 
 class LinearUnit(Unit):
     """``nn.Linear``: weight Σ_t b_t a_tᵀ, bias Σ_t b_t."""

@@ -378,10 +378,24 @@ class Engine:
             runner = runner.batched
         if isinstance(runner, BatchedRunner) and runner.path is not None:
             state["batched_path"] = runner.path
+        if self.fallback is not None:
+            state["fallback"] = {"mode": self.mode.name, "why": self.fallback}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what :meth:`state_dict` returned (a mode ``auto`` moved on to included)."""
+        fallback = state.get("fallback")
+        if fallback is not None and fallback["mode"] != self.mode.name:
+            name = fallback["mode"]
+            if not self._auto or name not in MODES:
+                raise EngineError(
+                    f"checkpoint: the engine ran in mode '{name}' after leaving its first "
+                    f"choice, which this engine (mode '{self.mode.name}') cannot take"
+                )
+            self.runner.close()
+            self.mode = MODES[name]
+            self.runner = self.mode.start(self._context)
+            self.fallback = str(fallback["why"])
         self.step = int(state["step"])
         self.strategy_state = dict(state["strategy"])
         if "ema" in state:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -190,6 +191,15 @@ class Trainer:
         self.coefficients = torch.ones(len(self.names), dtype=torch.float64)
         self.config = dict(config) if config is not None else self.describe()
 
+    def _stop_copying(self) -> None:
+        """The copies were made for ``ghost``; once the engine has left it (``auto`` found it
+        cannot measure the model), every step uses the target's shared rows instead."""
+        self.step_layout = dataclasses.replace(
+            self.step_layout,
+            copies_rows=False,
+            reason=self.step_layout.reason + "; copies dropped once ghost was left",
+        )
+
     @property
     def copies_rows(self) -> bool:
         """Whether each step copies the target's rows once per task (``one_row_per_loss``)."""
@@ -310,6 +320,8 @@ class Trainer:
             alpha = self.engine.backward(losses, ids, lr=lr, validation=validation)
         except NonFiniteSourceError as error:
             raise NonFiniteLossError(step, error.source, error.value) from error
+        if self.copies_rows and self.engine.fallback is not None:
+            self._stop_copying()
         self._optimizer_step(params)
         self._stepped = params
         assert self.engine.last_statistics is not None
@@ -369,6 +381,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.engine.load_state_dict(state["engine"])
+        if self.copies_rows and self.engine.fallback is not None:
+            self._stop_copying()
         self.sampler_state = dict(state["sampler"])
         self.planner.load_state_dict(state["planner"])
         self.ledger.load_state_dict(state["ledger"])
