@@ -107,6 +107,24 @@ def test_modes_side_by_side(tmp_path: Path) -> None:
         _invoke("--quick", "--strategies", "gcs", "--mode", "jvp", "--no-baselines")
 
 
+def test_transformer_with_dropout_runs_on_ghost(tmp_path: Path) -> None:
+    """The training transformer (dropout at work) is timed in both layouts; partitioned runs
+    on ghost, whose attention replay draws the forward's own mask."""
+    out = tmp_path / "speed.json"
+    _invoke(
+        "--models", "transformer-dropout", "--ks", "2", "--strategies", "gcs", "--repeats",
+        "1", "--warmup", "0", "--no-baselines", "--no-memory", "--json", str(out),
+    )  # fmt: skip
+    records = json.loads(out.read_text())["records"]
+    for record in records:
+        _check_record(record)
+    modes = {(r["layout"], r["mode"]) for r in records if r["kind"] == "strategy"}
+    assert modes == {("partitioned", "ghost"), ("shared-input", "batched")}
+    encoder = speed.make_trunk("transformer-dropout")[0]
+    assert isinstance(encoder, speed.TokenEncoder)
+    assert encoder.training and encoder.layer.self_attn.dropout == 0.1
+
+
 def test_without_torchjd_the_rows_are_skipped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -16,7 +16,10 @@ Models (batch 64 everywhere, SGD):
 - ``transformer``: token embedding (vocabulary 1000, width 64) and one
   ``nn.TransformerEncoderLayer`` (4 heads, feed-forward 128, no dropout) on sequences of 16
   tokens, mean-pooled; ``transformer-math`` (not in the default set) is the same with the
-  math attention kernel, which, unlike CPU flash attention, can be differentiated twice.
+  math attention kernel, which, unlike CPU flash attention, can be differentiated twice;
+  ``transformer-dropout`` (not in the default set) has the layer's default dropout, 0.1, in
+  and after its attention, as it trains (``ghost`` replays the attention core with the
+  forward's own mask).
 
 ``shared-input`` layout: one linear head with K+1 outputs, squared error per task, losses
 [64, K+1], the trunk shared (the head is not). ``partitioned`` layout: one 10-class linear
@@ -72,7 +75,7 @@ from auxilia.engine.source_losses import split_by_source, split_by_task
 from auxilia.errors import AuxiliaError, ConfigError, EngineError
 from auxilia.statistics import Need
 
-MODELS = ("mlp", "cnn", "transformer", "transformer-math")
+MODELS = ("mlp", "cnn", "transformer", "transformer-math", "transformer-dropout")
 DEFAULT_MODELS = ("mlp", "cnn", "transformer")
 LAYOUTS: tuple[Layout, ...] = ("shared-input", "partitioned")
 BASELINES = ("loop", "torchjd-upgrad", "torchjd-mean")
@@ -173,7 +176,8 @@ def make_trunk(model: str) -> tuple[nn.Module, int]:
             nn.ReLU(),
         )
         return trunk, 128
-    return TokenEncoder(math_attention=model == "transformer-math"), 64
+    dropout = 0.1 if model == "transformer-dropout" else 0.0
+    return TokenEncoder(math_attention=model == "transformer-math", dropout=dropout), 64
 
 
 class TokenEncoder(nn.Module):
@@ -183,11 +187,11 @@ class TokenEncoder(nn.Module):
     (flash attention on CPU), whose backward can be differentiated again and batched by vmap.
     """
 
-    def __init__(self, width: int = 64, math_attention: bool = False) -> None:
+    def __init__(self, width: int = 64, math_attention: bool = False, dropout: float = 0.0) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCABULARY, width)
         self.layer = nn.TransformerEncoderLayer(
-            d_model=width, nhead=4, dim_feedforward=2 * width, dropout=0.0, batch_first=True
+            d_model=width, nhead=4, dim_feedforward=2 * width, dropout=dropout, batch_first=True
         )
         self.math_attention = math_attention
 

@@ -126,7 +126,8 @@ def speed(
         list[str] | None,
         typer.Option(
             "--models",
-            help="Models: mlp, cnn, transformer, transformer-math (comma-separated or repeated).",
+            help="Models: mlp, cnn, transformer, transformer-math, transformer-dropout "
+            "(comma-separated or repeated).",
         ),
     ] = None,
     layouts: Annotated[
