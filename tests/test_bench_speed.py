@@ -122,7 +122,8 @@ def test_transformer_with_dropout_runs_on_ghost(tmp_path: Path) -> None:
     assert modes == {("partitioned", "ghost"), ("shared-input", "batched")}
     encoder = speed.make_trunk("transformer-dropout")[0]
     assert isinstance(encoder, speed.TokenEncoder)
-    assert encoder.training and encoder.layer.self_attn.dropout == 0.1
+    assert encoder.training
+    assert encoder.layer.self_attn.dropout == 0.1
 
 
 def test_without_torchjd_the_rows_are_skipped(

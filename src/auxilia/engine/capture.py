@@ -31,9 +31,11 @@ One backward
     * every other module owning shared parameters (a custom layer, a raw ``nn.Parameter`` used
       in a parent's forward): exact per-sample gradients of that module's own
       parameters with ``torch.func`` — ``functional_call`` replayed per sample under ``vmap``,
-      ``vjp`` with the recorded output gradients. The replay must be deterministic (no dropout
-      in training mode inside that module) and vmappable; otherwise a clear
-      :class:`~auxilia.errors.EngineError` names the module. Never silently skipped. It runs
+      ``vjp`` with the recorded output gradients; its submodules are not run again (their
+      recorded outputs, and the gradients at their inputs, stand in: :class:`FunctionalUnit`).
+      The replay must be deterministic (no dropout in that module's own operations) and
+      vmappable; otherwise a clear :class:`~auxilia.errors.ModeUnavailableError` names the
+      module, before the backward (the replay is tried first). Never silently skipped. It runs
       under the autocast state recorded at the call; where kernels refuse autocast inside
       ``vmap`` (seen on CUDA) it is replayed in the parameters' precision instead.
 
@@ -104,6 +106,21 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @dataclass
+class ChildCall:
+    """A call of a direct submodule inside a recorded call of a module replayed with
+    ``torch.func``: its outputs, and the gradient edges of its inputs as the submodule saw
+    them (each a view made for it, so the edge carries only the gradient through it)."""
+
+    module: nn.Module
+    outputs: list[torch.Tensor | Any]  # flattened outputs, tensors detached
+    spec: Any  # their pytree structure
+    positions: list[int]  # flattened (args, kwargs) positions of the viewed inputs
+    edges: list[GradientEdge]
+    shapes: list[tuple[int, ...]]
+    dtypes: list[torch.dtype]
+
+
+@dataclass
 class Call:
     """One recorded call of a unit's module."""
 
@@ -120,6 +137,11 @@ class Call:
     # The random number generator's state when the call began (attention with dropout at work:
     # the replay of its core draws the same dropout mask from it).
     rng: torch.Tensor | None = None
+    # Calls of the module's direct submodules (a module replayed with torch.func): the replay
+    # takes their recorded outputs instead of running them; ``child_grads`` (set by
+    # ``Capture.collect``) are the gradients at their inputs, one per edge, per sample.
+    children: list[ChildCall] | None = None
+    child_grads: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -423,9 +445,71 @@ def _rms_type() -> type[nn.Module]:
 
 
 class FunctionalUnit(Unit):
-    """Any other module: exact per-sample gradients of its parameters with ``torch.func``."""
+    """Any other module: exact per-sample gradients of its parameters with ``torch.func``.
+
+    A module with submodules (its own parameters beside them: a raw positional embedding, a
+    class token, a layer scale) is replayed without running them: each call of a direct
+    submodule is recorded with its outputs and, through a view of each input made for it, the
+    gradient that reaches the submodule's inputs; the replay returns the recorded outputs, and
+    its vector-Jacobian product takes the module's own output gradients and those input
+    gradients (by the chain rule, the whole gradient of its own parameters). Submodules then
+    cost nothing in the replay and may draw dropout masks.
+    """
 
     replay: Callable[[bool], None] = staticmethod(lambda on: None)  # set by the Capture
+    pending_children: list[ChildCall] | None = None  # the current call's submodule calls
+    child_depth: int = 0  # submodule calls open inside the current call
+    # The step's true gradient of this module's parameters (from the one backward), against
+    # which the per-sample gradients of a replay that took recorded submodule calls are
+    # checked; ``stubbing`` turns that replay off once a check has failed.
+    true_grads: dict[str, torch.Tensor] | None = None
+    stubbing: bool = True
+
+    def begin_call(self) -> None:
+        """Before the module's forward: start recording its submodules' calls."""
+        self.pending_children = []
+        self.child_depth = 0
+
+    def child_input(self, child: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Before a direct submodule's forward: its tensor inputs that need a gradient as views
+        of their own (the same view for the same tensor); returns the new (args, kwargs)."""
+        self.child_depth += 1
+        if self.pending_children is None or self.child_depth > 1:
+            return None
+        leaves, spec = tree_flatten((args, kwargs))
+        views: dict[int, torch.Tensor] = {}
+        positions: list[int] = []
+        for j, leaf in enumerate(leaves):
+            if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+                if id(leaf) not in views:  # one view, one edge, one position per tensor
+                    views[id(leaf)] = leaf.view_as(leaf)
+                    positions.append(j)
+                leaves[j] = views[id(leaf)]
+        self.pending_children.append(
+            ChildCall(
+                module=child,
+                outputs=[],
+                spec=None,
+                positions=positions,
+                edges=[get_gradient_edge(leaves[j]) for j in positions],
+                shapes=[tuple(leaves[j].shape) for j in positions],
+                dtypes=[leaves[j].dtype for j in positions],
+            )
+        )
+        return tree_unflatten(leaves, spec)
+
+    def child_output(self, child: nn.Module, output: Any) -> None:
+        """After a direct submodule's forward: keep its outputs (detached)."""
+        self.child_depth -= 1
+        if self.pending_children is None or self.child_depth > 0:
+            return
+        calls = [c for c in self.pending_children if c.module is child and c.spec is None]
+        if not calls:
+            self.pending_children = None  # out of step (a failed call): replay whole
+            return
+        leaves, spec = tree_flatten(output)
+        calls[-1].outputs = [_detach(t) if isinstance(t, torch.Tensor) else t for t in leaves]
+        calls[-1].spec = spec
 
     def record(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Call | None:
         leaves, _ = tree_flatten(output)
@@ -441,6 +525,9 @@ class FunctionalUnit(Unit):
         inputs, _ = tree_flatten((args, kwargs))
         tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
         device = tensors[0].device.type if tensors else self.device_type()
+        children, self.pending_children = self.pending_children, None
+        if children is not None and any(c.spec is None for c in children):
+            children = None
         return Call(
             args=tuple(_detached(a) for a in args),
             kwargs={k: _detached(v) for k, v in kwargs.items()},
@@ -450,6 +537,7 @@ class FunctionalUnit(Unit):
             out_dtypes=dtypes,
             versions=[(t, t._version) for t in tensors],
             autocast=_autocast_state(device),
+            children=children or None,
         )
 
     def device_type(self) -> str:
@@ -473,8 +561,25 @@ class FunctionalUnit(Unit):
         return self.batch_dims(call, n) is not None
 
     def replay_draws(self, call: Call, n: int) -> str | None:
-        """Dropout at work inside the module: its per-sample replay cannot redraw the mask."""
-        return _drawing(self.name, self.module)
+        """Dropout at work inside the module: its per-sample replay cannot redraw the mask
+        (none when its submodules, where dropout lives, are not run by the replay)."""
+        return None if self.children_ok(call, n) else _drawing(self.name, self.module)
+
+    def children_ok(self, call: Call, n: int) -> bool:
+        """Whether the replay can take this call's submodule calls as recorded: every one's
+        viewed inputs and tensor outputs have the step's n samples along dim 0, and a tensor of
+        three or more dims not along dim 1 too (a sequence-first [T, N, ·] whose T happens to
+        be n is not taken for samples: such calls are replayed whole). The per-sample
+        gradients are then checked against the step's true gradient (:meth:`factors`)."""
+        if not self.stubbing or not call.children or self.batch_dims(call, n) is None:
+            return False
+        shapes = [shape for child in call.children for shape in child.shapes] + [
+            tuple(out.shape)
+            for child in call.children
+            for out in child.outputs
+            if isinstance(out, torch.Tensor)
+        ]
+        return all(shape[:1] == (n,) and (len(shape) < 3 or shape[1] != n) for shape in shapes)
 
     def advice(self) -> str:
         """For a module with submodules that owns parameters itself (a raw positional
@@ -491,9 +596,16 @@ class FunctionalUnit(Unit):
         )
 
     def grads(
-        self, call: Call, cotangents: list[torch.Tensor], rows: int, per_sample: bool
+        self,
+        call: Call,
+        cotangents: list[torch.Tensor],
+        rows: int,
+        per_sample: bool,
+        child_cotangents: list[torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Per-row gradients [rows, *shape] of this module's parameters for one call."""
+        """Per-row gradients [rows, *shape] of this module's parameters for one call;
+        ``child_cotangents``: the gradients at its submodules' inputs (per sample), when the
+        replay takes their recorded outputs instead of running them."""
         module = self.module
         n = rows
         leaves, spec = tree_flatten((call.args, call.kwargs))
@@ -501,12 +613,22 @@ class FunctionalUnit(Unit):
         in_dims: list[int | None] = dims[0] if dims is not None else [None] * len(leaves)
         out_dims: list[int | None] = dims[1] if dims is not None else [None] * len(call.leaves)
         tensor_pos = [j for j, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
-        batched = [leaves[j] for j in tensor_pos]
-        batched_dims = [in_dims[j] for j in tensor_pos]
+        children = call.children if per_sample and child_cotangents is not None else None
+        recorded = (
+            []
+            if children is None
+            else [t for child in children for t in child.outputs if isinstance(t, torch.Tensor)]
+        )
+        batched = [*(leaves[j] for j in tensor_pos), *recorded]
+        batched_dims = [*(in_dims[j] for j in tensor_pos), *(0 for _ in recorded)]
         params = {name: p.detach() for name, p in self.params.items()}
         device, enabled, dtype = call.autocast
         wanted = call.leaves
         cot_dims = out_dims if per_sample else [0] * len(cotangents)
+        if children is not None:
+            assert child_cotangents is not None
+            cotangents = [*cotangents, *child_cotangents]
+            cot_dims = [*cot_dims, *(0 for _ in child_cotangents)]
 
         def replay(autocast: bool) -> dict[str, torch.Tensor]:
             """vmap over rows of vjp(functional_call); without autocast, floating inputs and
@@ -519,12 +641,18 @@ class FunctionalUnit(Unit):
                 tensors: list[torch.Tensor], row: list[torch.Tensor]
             ) -> dict[str, torch.Tensor]:
                 full = list(leaves)
-                for j, t, d in zip(tensor_pos, tensors, batched_dims, strict=True):
+                mine = len(tensor_pos)  # then this row's recorded submodule outputs
+                for j, t, d in zip(tensor_pos, tensors[:mine], batched_dims[:mine], strict=True):
                     full[j] = t if d is None else t.unsqueeze(d)
                 args, kwargs = tree_unflatten(full, spec)
+                own = tensors[mine:]
 
                 def forward(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-                    with torch.autocast(device, dtype=dtype, enabled=enabled and autocast):
+                    fed: list[torch.Tensor] = []
+                    with (
+                        torch.autocast(device, dtype=dtype, enabled=enabled and autocast),
+                        _recorded_submodules(children, own, fed),
+                    ):
                         out = torch.func.functional_call(module, p, tuple(args), dict(kwargs))
                     flat, _ = tree_flatten(out)
                     picked = []
@@ -532,7 +660,7 @@ class FunctionalUnit(Unit):
                         picked.append(
                             flat[j] if d is None or not per_sample else flat[j].squeeze(d)
                         )
-                    return tuple(picked)
+                    return (*picked, *(t.squeeze(0) for t in fed))
 
                 outputs, pullback = torch.func.vjp(forward, params)[:2]
                 matched = tuple(c.to(o.dtype) for c, o in zip(row, outputs, strict=True))
@@ -570,13 +698,48 @@ class FunctionalUnit(Unit):
     def factors(
         self, items: list[tuple[Call, list[torch.Tensor]]], rows: int, per_sample: bool
     ) -> list[tuple[list[torch.Tensor], Factor]]:
-        total: dict[str, torch.Tensor] = {}
-        for call, cots in items:
-            for name, g in self.grads(call, cots, rows, per_sample).items():
-                g = g.to(compute_dtype(g.dtype))
-                total[name] = g if name not in total else total[name] + g
+        total = self._per_row(items, rows, per_sample, stubbed=True)
+        if any(call.child_grads is not None for call, _ in items) and not self._sums_match(
+            total, items
+        ):
+            # The recorded submodule calls were not per sample as their shapes suggested (a
+            # sequence-first tensor whose length is the batch's size): replay whole instead.
+            self.stubbing = False
+            total = self._per_row(items, rows, per_sample, stubbed=False)
         params = [self.params[k] for k in total]
         return [(params, PerSample(list(total.values()), [p.shape for p in params]))]
+
+    def _per_row(
+        self,
+        items: list[tuple[Call, list[torch.Tensor]]],
+        rows: int,
+        per_sample: bool,
+        stubbed: bool,
+    ) -> dict[str, torch.Tensor]:
+        total: dict[str, torch.Tensor] = {}
+        for call, cots in items:
+            at_inputs = call.child_grads if stubbed else None
+            for name, g in self.grads(call, cots, rows, per_sample, at_inputs).items():
+                g = g.to(compute_dtype(g.dtype))
+                total[name] = g if name not in total else total[name] + g
+        return total
+
+    def _sums_match(
+        self, total: dict[str, torch.Tensor], items: list[tuple[Call, list[torch.Tensor]]]
+    ) -> bool:
+        """Whether the per-row gradients sum to the step's true gradient of each parameter."""
+        true = self.true_grads or {}
+        autocast = any(call.autocast[1] for call, _ in items)
+        for name, per_row in total.items():
+            want = true.get(name)
+            if want is None:
+                return False
+            got = per_row.sum(0).to(want.dtype)
+            tol = 5e-2 if autocast else 1e-6 if want.dtype == torch.float64 else 1e-3
+            scale = float(want.abs().max())
+            if float((got - want).abs().max()) > tol * scale + 1e-30:
+                return False
+        return True
 
 
 class AttentionUnit(FunctionalUnit):
@@ -720,6 +883,47 @@ class AttentionUnit(FunctionalUnit):
 
 def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
+
+
+@contextlib.contextmanager
+def _recorded_submodules(
+    children: list[ChildCall] | None, outputs: Sequence[torch.Tensor], fed: list[torch.Tensor]
+) -> Iterator[None]:
+    """While a module is replayed for one row: its submodules return their recorded outputs
+    (``outputs``: that row's tensors, in the order of ``children``) instead of running, and
+    the inputs they are given (the positions that were viewed) are appended to ``fed``."""
+    if children is None:
+        yield
+        return
+    it = iter(outputs)
+    queues: dict[int, list[tuple[ChildCall, list[Any]]]] = {}
+    for child in children:
+        leaves = [
+            next(it).unsqueeze(0) if isinstance(t, torch.Tensor) else t for t in child.outputs
+        ]
+        queues.setdefault(id(child.module), []).append((child, leaves))
+
+    def stub_for(key: int) -> Callable[..., Any]:
+        def stub(*args: Any, **kwargs: Any) -> Any:
+            child, leaves = queues[key].pop(0)
+            flat, _ = tree_flatten((args, kwargs))
+            fed.extend(flat[j] for j in child.positions)
+            return tree_unflatten(leaves, child.spec)
+
+        return stub
+
+    modules = {id(c.module): c.module for c in children}
+    own = {key: m.__dict__.get("forward") for key, m in modules.items()}  # set on the instance
+    try:
+        for key, module in modules.items():
+            module.forward = stub_for(key)
+        yield
+    finally:
+        for key, module in modules.items():
+            if own[key] is None:
+                del module.forward
+            else:
+                setattr(module, "forward", own[key])  # noqa: B010 (restores the instance's)
 
 
 def _drawing(name: str, module: nn.Module) -> str | None:
@@ -1133,6 +1337,8 @@ class Capture:
             self.handles.append(
                 unit.module.register_forward_hook(self._hook(unit), with_kwargs=True, prepend=True)
             )
+            if type(unit) is FunctionalUnit and any(True for _ in unit.module.children()):
+                self._watch_children(unit)
             if isinstance(unit, AttentionUnit):
                 self.handles.append(
                     # Appended: it runs last before the forward, after any earlier pre-hook.
@@ -1169,6 +1375,33 @@ class Capture:
                     self.autocast_seen = True
 
         return hook
+
+    def _watch_children(self, unit: FunctionalUnit) -> None:
+        """Record the outermost submodule calls inside a module replayed with torch.func (the
+        blocks of a ``ModuleList`` it loops over, not the layers inside those blocks)."""
+
+        def begin(module: nn.Module, args: Any) -> None:
+            if not self.replaying and torch.is_grad_enabled():
+                unit.begin_call()
+
+        self.handles.append(unit.module.register_forward_pre_hook(begin))
+        for name, child in unit.module.named_modules():
+            if not name:
+                continue
+
+            def enter(module: nn.Module, args: Any, kwargs: Any) -> Any:
+                if self.replaying or not torch.is_grad_enabled():
+                    return None
+                return unit.child_input(module, tuple(args), dict(kwargs))
+
+            def leave(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+                if not self.replaying and torch.is_grad_enabled():
+                    unit.child_output(module, output)
+
+            self.handles.append(child.register_forward_pre_hook(enter, with_kwargs=True))
+            self.handles.append(
+                child.register_forward_hook(leave, with_kwargs=True, always_call=True)
+            )
 
     def _begin(self, unit: AttentionUnit) -> Callable[..., None]:
         def pre_hook(module: nn.Module, args: Any, kwargs: Any) -> None:
@@ -1300,9 +1533,24 @@ class Capture:
                 torch.zeros((*lead, *shape), dtype=dtype, device=device)
                 for shape, dtype in zip(call.out_shapes, call.out_dtypes, strict=True)
             ]
+            child_zeros = None
+            if unit.children_ok(call, n):
+                child_zeros = [
+                    torch.zeros(shape, dtype=dtype, device=device)
+                    for child in call.children or []
+                    for shape, dtype in zip(child.shapes, child.dtypes, strict=True)
+                ]
             try:
                 with _generator_at(_rng_state(device), device):
-                    unit.grads(call, zeros, n if per_sample else width, per_sample)
+                    try:
+                        unit.grads(call, zeros, n if per_sample else width, per_sample, child_zeros)
+                    except EngineError:
+                        if child_zeros is None:
+                            raise
+                        # The recorded submodule calls do not fit the replay (a submodule
+                        # given a tensor that is not per sample): replay this module whole.
+                        unit.stubbing = False
+                        unit.grads(call, zeros, n if per_sample else width, per_sample)
             except EngineError as error:
                 self.clear()
                 raise ModeUnavailableError(
@@ -1351,9 +1599,26 @@ class Capture:
             it = iter(grads)
             per_source = [[next(it) for _ in c.edges] for _, c in source_calls]
 
-        # The one backward: per-sample output gradients, the others' parameter gradients.
+        # The one backward: per-sample output gradients, the others' parameter gradients, and
+        # the gradients at the submodule inputs of modules replayed with torch.func.
         edges = [e for _, c in sample_calls for e in c.edges]
-        inputs: list[torch.Tensor | GradientEdge] = [*edges, *silent, *self.others]
+        with_children = []
+        checked: dict[int, FunctionalUnit] = {}
+        for unit, call in sample_calls:
+            if isinstance(unit, FunctionalUnit) and unit.children_ok(call, n):
+                with_children.append(call)
+                checked.setdefault(id(unit), unit)
+            else:
+                call.children = None
+        child_edges = [e for c in with_children for ch in c.children or [] for e in ch.edges]
+        own = [(u, name, p) for u in checked.values() for name, p in u.params.items()]
+        inputs: list[torch.Tensor | GradientEdge] = [
+            *edges,
+            *silent,
+            *self.others,
+            *child_edges,
+            *(p for _, _, p in own),
+        ]
         results: Sequence[torch.Tensor | None] = []
         if inputs:
             with self.quiet():
@@ -1376,7 +1641,22 @@ class Capture:
                     f"module's forward, which engine mode '{self.mode}' cannot see (then use "
                     f"mode='exact')"
                 )
-        others = [(p, g) for p, g in zip(self.others, it_results, strict=True) if g is not None]
+        others = [(p, g) for p in self.others if (g := next(it_results)) is not None]
+        for call in with_children:
+            at_inputs: list[torch.Tensor] = []
+            for child in call.children or []:
+                for shape, dtype in zip(child.shapes, child.dtypes, strict=True):
+                    g = next(it_results)
+                    at_inputs.append(
+                        torch.zeros(shape, dtype=dtype, device=device) if g is None else g
+                    )
+            call.child_grads = at_inputs
+        for unit in checked.values():
+            unit.true_grads = {}
+        for unit, name, p in own:
+            g = next(it_results)
+            assert unit.true_grads is not None
+            unit.true_grads[name] = torch.zeros_like(p) if g is None else g.detach()
 
         entries: list[Entry] = []
         per_source_units: list[str] = []
