@@ -107,7 +107,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @dataclass
 class ChildCall:
-    """A call of a direct submodule inside a recorded call of a module replayed with
+    """An outermost submodule call inside a recorded call of a module replayed with
     ``torch.func``: its outputs, and the gradient edges of its inputs as the submodule saw
     them (each a view made for it, so the edge carries only the gradient through it)."""
 
@@ -137,8 +137,8 @@ class Call:
     # The random number generator's state when the call began (attention with dropout at work:
     # the replay of its core draws the same dropout mask from it).
     rng: torch.Tensor | None = None
-    # Calls of the module's direct submodules (a module replayed with torch.func): the replay
-    # takes their recorded outputs instead of running them; ``child_grads`` (set by
+    # The outermost submodule calls inside the call (a module replayed with torch.func): the
+    # replay takes their recorded outputs instead of running them; ``child_grads`` (set by
     # ``Capture.collect``) are the gradients at their inputs, one per edge, per sample.
     children: list[ChildCall] | None = None
     child_grads: list[torch.Tensor] | None = None
@@ -448,8 +448,8 @@ class FunctionalUnit(Unit):
     """Any other module: exact per-sample gradients of its parameters with ``torch.func``.
 
     A module with submodules (its own parameters beside them: a raw positional embedding, a
-    class token, a layer scale) is replayed without running them: each call of a direct
-    submodule is recorded with its outputs and, through a view of each input made for it, the
+    class token, a layer scale) is replayed without running them: each outermost submodule
+    call is recorded with its outputs and, through a view of each input made for it, the
     gradient that reaches the submodule's inputs; the replay returns the recorded outputs, and
     its vector-Jacobian product takes the module's own output gradients and those input
     gradients (by the chain rule, the whole gradient of its own parameters). Submodules then
@@ -461,8 +461,10 @@ class FunctionalUnit(Unit):
     child_depth: int = 0  # submodule calls open inside the current call
     # The step's true gradient of this module's parameters (from the one backward), against
     # which the per-sample gradients of a replay that took recorded submodule calls are
-    # checked; ``stubbing`` turns that replay off once a check has failed.
+    # checked, within ``tolerance`` (the Capture's precision); ``stubbing`` turns that replay
+    # off once a check has failed.
     true_grads: dict[str, torch.Tensor] | None = None
+    tolerance: float = 1e-3
     stubbing: bool = True
 
     def begin_call(self) -> None:
@@ -471,8 +473,9 @@ class FunctionalUnit(Unit):
         self.child_depth = 0
 
     def child_input(self, child: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Before a direct submodule's forward: its tensor inputs that need a gradient as views
-        of their own (the same view for the same tensor); returns the new (args, kwargs)."""
+        """Before a submodule's forward: for an outermost call, its tensor inputs that need a
+        gradient as views of their own (the same view for the same tensor); returns the new
+        (args, kwargs), or None (unchanged)."""
         self.child_depth += 1
         if self.pending_children is None or self.child_depth > 1:
             return None
@@ -499,7 +502,7 @@ class FunctionalUnit(Unit):
         return tree_unflatten(leaves, spec)
 
     def child_output(self, child: nn.Module, output: Any) -> None:
-        """After a direct submodule's forward: keep its outputs (detached)."""
+        """After a submodule's forward: for an outermost call, keep its outputs (detached)."""
         self.child_depth -= 1
         if self.pending_children is None or self.child_depth > 0:
             return
@@ -699,9 +702,8 @@ class FunctionalUnit(Unit):
         self, items: list[tuple[Call, list[torch.Tensor]]], rows: int, per_sample: bool
     ) -> list[tuple[list[torch.Tensor], Factor]]:
         total = self._per_row(items, rows, per_sample, stubbed=True)
-        if any(call.child_grads is not None for call, _ in items) and not self._sums_match(
-            total, items
-        ):
+        stubbed = any(call.child_grads is not None for call, _ in items)
+        if stubbed and not self._sums_match(total):
             # The recorded submodule calls were not per sample as their shapes suggested (a
             # sequence-first tensor whose length is the batch's size): replay whole instead.
             self.stubbing = False
@@ -724,20 +726,16 @@ class FunctionalUnit(Unit):
                 total[name] = g if name not in total else total[name] + g
         return total
 
-    def _sums_match(
-        self, total: dict[str, torch.Tensor], items: list[tuple[Call, list[torch.Tensor]]]
-    ) -> bool:
+    def _sums_match(self, total: dict[str, torch.Tensor]) -> bool:
         """Whether the per-row gradients sum to the step's true gradient of each parameter."""
         true = self.true_grads or {}
-        autocast = any(call.autocast[1] for call, _ in items)
         for name, per_row in total.items():
             want = true.get(name)
             if want is None:
                 return False
             got = per_row.sum(0).to(want.dtype)
-            tol = 5e-2 if autocast else 1e-6 if want.dtype == torch.float64 else 1e-3
             scale = float(want.abs().max())
-            if float((got - want).abs().max()) > tol * scale + 1e-30:
+            if float((got - want).abs().max()) > self.tolerance * scale + 1e-30:
                 return False
         return True
 
@@ -1652,7 +1650,7 @@ class Capture:
                     )
             call.child_grads = at_inputs
         for unit in checked.values():
-            unit.true_grads = {}
+            unit.true_grads, unit.tolerance = {}, self.precision()
         for unit, name, p in own:
             g = next(it_results)
             assert unit.true_grads is not None
